@@ -1,0 +1,23 @@
+"""GILL's configuration and model (importable as `gill_hf.modeling`)."""
+
+from .configuration_gill import GillConfig
+from .modeling_gill import (
+    GillCausalLMOutputWithPast,
+    GillDecisionHead,
+    GillForConditionalGeneration,
+    GillMapper,
+    GillOutput,
+    GillPreTrainedModel,
+    add_gill_tokens,
+)
+
+__all__ = [
+    "GillCausalLMOutputWithPast",
+    "GillConfig",
+    "GillDecisionHead",
+    "GillForConditionalGeneration",
+    "GillMapper",
+    "GillOutput",
+    "GillPreTrainedModel",
+    "add_gill_tokens",
+]

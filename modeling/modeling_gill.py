@@ -1,0 +1,685 @@
+"""GILL: a frozen causal LM that reads interleaved images and text and emits [IMG] blocks that are
+decoded into Stable Diffusion prompt embeddings, retrieval embeddings and a retrieve-or-generate
+decision (Koh, Fried, Salakhutdinov, NeurIPS 2023).
+
+This module depends only on torch and transformers. Loading backbones by reference goes through
+`GillForConditionalGeneration.backbone_resolver`, which the `gill_hf` package installs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_gill import GillConfig
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<|image|>"
+
+
+def img_token_names(num_img_tokens: int) -> list[str]:
+    return [f"[IMG{i}]" for i in range(num_img_tokens)]
+
+
+def add_gill_tokens(tokenizer, num_img_tokens: int = 8) -> tuple[int, list[int]]:
+    """Adds `<|image|>` and then `[IMG0]`.. to `tokenizer` (in place, in the reference's order, so
+    OPT gets 50265 and 50266-50273) and returns their ids. Tokens already present keep their ids.
+    """
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.add_tokens(img_token_names(num_img_tokens), special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    img_token_ids = tokenizer.convert_tokens_to_ids(img_token_names(num_img_tokens))
+    return image_token_id, list(img_token_ids)
+
+
+@dataclass
+class GillOutput(ModelOutput):
+    r"""
+    Output of the GILL training forward. The losses are unscaled; `loss` is their weighted sum.
+
+    Args:
+        loss: `caption_loss + text_loss + contrastive_loss + gen_loss`, each times its config scale.
+        caption_loss: next-token CE of the caption given the image's visual prefix.
+        text_loss: next-token CE of the text pass (caption + `[IMG0]`; `[IMG1..]` masked).
+        contrastive_loss: symmetric InfoNCE between image and `[IMG0]` retrieval embeddings.
+        gen_loss: mean over examples and positions of the per-token L2 distance between the mapper
+            output and `gen_targets`.
+        caption_logits / caption_labels: the captioning pass (visual prefix included in the labels as -100).
+        text_logits / text_labels: the text pass.
+        img_hidden_states: `(batch, num_img_tokens, hidden)` LM states at the `[IMG]` positions.
+        text_embeds / image_embeds: L2-normalised retrieval embeddings, `(batch, ret_emb_dim)`.
+        logits_per_image: `exp(logit_scale) * image_embeds @ text_embeds.T` over the (gathered) batch.
+        prompt_embeds: `(batch, num_clip_tokens, gen_emb_dim)` mapper output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    caption_loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    gen_loss: torch.FloatTensor | None = None
+    caption_logits: torch.FloatTensor | None = None
+    caption_labels: torch.LongTensor | None = None
+    text_logits: torch.FloatTensor | None = None
+    text_labels: torch.LongTensor | None = None
+    img_hidden_states: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    prompt_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class GillCausalLMOutputWithPast(ModelOutput):
+    r"""
+    Output of a decoding forward (a prompt or a cached step).
+
+    Args:
+        logits: `(batch, seq, logits_width)`; `[IMG]` columns come from GILL's own rows, columns no
+            row stands behind are `-inf`.
+        cache: the LM's KV cache.
+        hidden_states: the LM's hidden states, when requested.
+        attentions: the LM's attentions, when requested.
+    """
+
+    logits: torch.FloatTensor | None = None
+    cache: Any | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class GillMapper(nn.Module):
+    """GILLMapper: `[IMG]` hidden states (+ `[IMG]` input embeddings) -> Linear -> encoder-decoder
+    Transformer over learned queries -> Linear, giving the image decoder's text conditioning."""
+
+    def __init__(self, config: GillConfig):
+        super().__init__()
+        text_hidden = config.text_config.hidden_size
+        width = config.mapper_hidden_size
+        self.input_proj = nn.Linear(text_hidden, width)
+        # Pre-LN with final norms on both stacks and no masks: decoder self-attention over the
+        # queries is bidirectional, exactly as torch's nn.Transformer in the reference.
+        self.transformer = nn.Transformer(
+            d_model=width,
+            nhead=config.mapper_num_heads,
+            num_encoder_layers=config.mapper_num_encoder_layers,
+            num_decoder_layers=config.mapper_num_decoder_layers,
+            dim_feedforward=config.mapper_ffn_dim,
+            dropout=config.mapper_dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.queries = nn.Parameter(torch.randn(1, config.num_clip_tokens, width))
+        self.output_proj = nn.Linear(width, config.gen_emb_dim)
+
+    def forward(self, img_hidden_states: torch.Tensor, img_embeddings: torch.Tensor) -> torch.Tensor:
+        x = self.input_proj(img_hidden_states + img_embeddings)
+        x = self.transformer(x, self.queries.expand(x.shape[0], -1, -1))
+        return self.output_proj(x)
+
+
+class GillDecisionHead(nn.Module):
+    """Retrieve-or-generate classifier on the `[IMG0]` state (column 0 = generate, 1 = retrieve)."""
+
+    def __init__(self, config: GillConfig):
+        super().__init__()
+        in_features = config.text_config.hidden_size + (config.decision_head_type == "hidden_and_score")
+        self.dropout = nn.Dropout(config.decision_dropout)
+        self.linear = nn.Linear(in_features, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(features))
+
+
+class GillPreTrainedModel(PreTrainedModel):
+    config: GillConfig
+    config_class = GillConfig
+    base_model_prefix = "gill"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["GillMapper"]
+    _skip_keys_device_placement = ["cache"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, GillMapper):
+            init.normal_(module.queries, mean=0.0, std=1.0)  # randn, as the reference
+        elif isinstance(module, GillForConditionalGeneration):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            init.normal_(module.img_embeddings, mean=0.0, std=std)
+            if module.img_output_embeddings is not None:
+                init.normal_(module.img_output_embeddings, mean=0.0, std=std)
+        else:
+            super()._init_weights(module)
+
+
+class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
+    r"""
+    GILL on any causal LM and a CLIP-like vision tower, both frozen. Trainable: the visual prefix,
+    the `[IMG]` rows (input rows, and output rows for untied LMs), the retrieval heads,
+    `logit_scale` and the mapper. The decision head trains separately and is frozen here.
+
+    The LM's weights are never resized: `[IMG]` ids below the LM's row count override that row,
+    ids above it extend the logits (see `logits_width`).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import CLIPVisionConfig, OPTConfig
+    >>> from gill_hf import GillConfig, GillForConditionalGeneration
+    >>> text = OPTConfig(vocab_size=64, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
+    ...                  num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64)
+    >>> vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                           num_attention_heads=2, image_size=32, patch_size=8)
+    >>> config = GillConfig(text_config=text, vision_config=vision, img_token_ids=list(range(56, 64)),
+    ...                     image_token_id=55, vocab_size=64, ret_emb_dim=16, gen_emb_dim=24,
+    ...                     num_clip_tokens=5, mapper_hidden_size=16, mapper_ffn_dim=32)
+    >>> model = GillForConditionalGeneration(config)
+    >>> ids = torch.tensor([[2, 10, 11, 12] + list(range(56, 64))])
+    >>> out = model(input_ids=ids, pixel_values=torch.rand(1, 3, 32, 32), gen_targets=torch.zeros(1, 5, 24))
+    >>> sorted(k for k in out.keys() if k.endswith("loss"))
+    ['caption_loss', 'contrastive_loss', 'gen_loss', 'loss', 'text_loss']
+    ```
+    """
+
+    #: Maps a backbone reference (a hub id, path or embedded-artifact dict) to what
+    #: `from_pretrained` accepts. `gill_hf` installs a resolver that also knows embedded artifacts.
+    backbone_resolver: Callable[[Any], tuple[str, dict]] = staticmethod(lambda ref: (ref, {}))
+
+    def __init__(
+        self,
+        config: GillConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        if config.img_token_ids is None:
+            raise ValueError("`config.img_token_ids` is not set: build the config from a GillProcessor's tokenizer.")
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_model = vision_model or AutoModel.from_config(config.vision_config)
+        for backbone in (language_model, vision_model):
+            if backbone is not None:  # loaded weights: never re-initialise them in post_init
+                for module in backbone.modules():
+                    module._is_hf_initialized = True
+        self._check_backbones()
+
+        text_hidden = config.text_config.hidden_size
+        vision_hidden = config.vision_config.hidden_size
+        n_img = config.num_img_tokens
+        self.visual_projection = nn.Linear(vision_hidden, text_hidden * config.num_visual_tokens)
+        self.img_embeddings = nn.Parameter(torch.empty(n_img, text_hidden))
+        self.img_output_embeddings = None if self._lm_ties_rows() else nn.Parameter(torch.empty(n_img, text_hidden))
+        self.text_retrieval_projection = nn.Linear(text_hidden, config.ret_emb_dim)
+        self.image_retrieval_projection = nn.Linear(vision_hidden, config.ret_emb_dim)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.mapper = GillMapper(config)
+        self.decision_head = GillDecisionHead(config) if config.decision_head_type else None
+        self.register_buffer("img_token_ids", torch.tensor(config.img_token_ids), persistent=False)
+        self.post_init()
+        self.freeze_backbones()
+
+    # ----- structure -------------------------------------------------------------------------
+
+    def _lm_ties_rows(self) -> bool:
+        out = self.language_model.get_output_embeddings()
+        return out is not None and out.weight is self.language_model.get_input_embeddings().weight
+
+    def _check_backbones(self) -> None:
+        embed = self.language_model.get_input_embeddings()
+        head = self.language_model.get_output_embeddings()
+        hidden = self.config.text_config.hidden_size
+        if embed is None or head is None or embed.weight.shape[1] != hidden or head.weight.shape[1] != hidden:
+            raise ValueError(
+                f"GILL needs a causal LM whose last hidden state and input embeddings share a width; "
+                f"{type(self.language_model).__name__} has input width "
+                f"{None if embed is None else embed.weight.shape[1]}, output width "
+                f"{None if head is None else head.weight.shape[1]} and hidden_size {hidden}."
+            )
+        if not hasattr(self.config.vision_config, "hidden_size"):
+            raise ValueError("`vision_config` must describe a vision tower with a `hidden_size` and a pooled output.")
+
+    def freeze_backbones(self) -> None:
+        """Freezes the LM / vision tower as the config says, and the decision head (it trains apart)."""
+        frozen = [m for m, flag in ((self.language_model, self.config.freeze_lm), (self.vision_model, self.config.freeze_vm)) if flag]
+        frozen += [self.decision_head] if self.decision_head is not None else []
+        for module in frozen:
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen parts stay in eval mode (dropout off) while the heads train, as in the reference.
+        if self.config.freeze_lm:
+            self.language_model.eval()
+        if self.config.freeze_vm:
+            self.vision_model.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None  # the LM keeps its own head; GILL adds [IMG] columns in `compute_logits`
+
+    @property
+    def num_lm_rows(self) -> int:
+        return self.language_model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def logits_width(self) -> int:
+        """max(LM rows, largest added id + 1): ids above the LM's rows extend the logits."""
+        added = list(self.config.img_token_ids)
+        if self.config.image_token_id is not None:
+            added.append(self.config.image_token_id)
+        return max(self.num_lm_rows, max(added) + 1)
+
+    @property
+    def img_output_rows(self) -> torch.Tensor:
+        return self.img_embeddings if self.img_output_embeddings is None else self.img_output_embeddings
+
+    # ----- embeddings and logits ---------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """LM input embeddings of `input_ids`, `[IMG]` ids taking GILL's own rows."""
+        is_img = input_ids[..., None] == self.img_token_ids
+        img_slot = is_img.float().argmax(-1)
+        is_img = is_img.any(-1)
+        unknown = (input_ids >= self.num_lm_rows) & ~is_img
+        if unknown.any() or (input_ids < 0).any():
+            bad = input_ids[unknown | (input_ids < 0)].unique().tolist()
+            raise ValueError(
+                f"`input_ids` holds ids {bad} that have no embedding row (the LM has {self.num_lm_rows} "
+                f"rows; `<|image|>` must be replaced by an image, not fed as a token)."
+            )
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(is_img, 0))
+        img_rows = self.img_embeddings.to(embeds.dtype)[img_slot]
+        return torch.where(is_img[..., None], img_rows, embeds)
+
+    def compute_logits(self, last_hidden_state: torch.Tensor, lm_logits: torch.Tensor) -> torch.Tensor:
+        """Extends the LM's logits with the `[IMG]` columns computed from GILL's output rows."""
+        img_logits = last_hidden_state @ self.img_output_rows.to(last_hidden_state.dtype).T
+        extra = self.logits_width - lm_logits.shape[-1]
+        if extra > 0:  # columns without an LM row behind them can never be chosen
+            pad = lm_logits.new_full((*lm_logits.shape[:-1], extra), float("-inf"))
+            lm_logits = torch.cat([lm_logits, pad], dim=-1)
+        return lm_logits.index_copy(-1, self.img_token_ids, img_logits.to(lm_logits.dtype))
+
+    # ----- GILL heads ------------------------------------------------------------------------
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """The frozen vision tower's `pooler_output`, `(n_images, vision_hidden)`."""
+        if pixel_values.ndim != 4:
+            raise ValueError(f"`pixel_values` must be (n_images, channels, height, width), got shape {tuple(pixel_values.shape)}.")
+        dtype = next(self.vision_model.parameters()).dtype
+        return self.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
+
+    def _image_features(self, pixel_values, image_features) -> torch.Tensor:
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("Pass exactly one of `pixel_values` and `image_features`.")
+        return self.get_image_features(pixel_values) if image_features is None else image_features
+
+    def get_visual_prefix(self, pixel_values=None, image_features=None) -> torch.Tensor:
+        """Image -> `(n_images, num_visual_tokens, text_hidden)` LM input vectors."""
+        features = self._image_features(pixel_values, image_features)
+        prefix = self.visual_projection(features.to(self.visual_projection.weight.dtype))
+        return prefix.reshape(features.shape[0], self.config.num_visual_tokens, -1)
+
+    def get_image_retrieval_embeds(self, pixel_values=None, image_features=None) -> torch.Tensor:
+        """Image -> L2-normalised retrieval embedding, `(n_images, ret_emb_dim)`."""
+        features = self._image_features(pixel_values, image_features)
+        return F.normalize(self.image_retrieval_projection(features.to(self.image_retrieval_projection.weight.dtype)), dim=-1)
+
+    def get_text_retrieval_embeds(self, img_hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[IMG]` block states `(n, num_img_tokens, hidden)` (or `[IMG0]` states `(n, hidden)`) ->
+        L2-normalised retrieval embedding from `[IMG0]`, `(n, ret_emb_dim)`."""
+        img0 = img_hidden_states[:, 0] if img_hidden_states.ndim == 3 else img_hidden_states
+        return F.normalize(self.text_retrieval_projection(img0.to(self.text_retrieval_projection.weight.dtype)), dim=-1)
+
+    def get_prompt_embeds(self, img_hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[IMG]` block states `(n, num_img_tokens, hidden)` -> image-decoder conditioning
+        `(n, num_clip_tokens, gen_emb_dim)`; the mapper sees states plus the `[IMG]` input rows."""
+        if img_hidden_states.ndim != 3 or img_hidden_states.shape[1] != self.config.num_img_tokens:
+            raise ValueError(
+                f"`img_hidden_states` must be (n, {self.config.num_img_tokens}, hidden), got {tuple(img_hidden_states.shape)}."
+            )
+        dtype = self.mapper.input_proj.weight.dtype
+        return self.mapper(img_hidden_states.to(dtype), self.img_embeddings.to(dtype).expand(img_hidden_states.shape[0], -1, -1))
+
+    def get_decision_probs(self, img0_hidden_states: torch.Tensor, max_retrieval_scores: torch.Tensor | None = None) -> torch.Tensor:
+        """`[IMG0]` states `(n, hidden)` -> `(n, 2)` probabilities, column 0 = generate, 1 = retrieve.
+        The `"hidden_and_score"` head also needs each block's best retrieval score scaled by
+        `exp(logit_scale)` (the reference's scores)."""
+        if self.decision_head is None:
+            raise ValueError("This model has no decision head (`config.decision_head_type` is None).")
+        features = img0_hidden_states.to(self.decision_head.linear.weight.dtype)
+        if self.config.decision_head_type == "hidden_and_score":
+            if max_retrieval_scores is None:
+                raise ValueError("`max_retrieval_scores` is required by the 'hidden_and_score' decision head.")
+            features = torch.cat([features, max_retrieval_scores.to(features.dtype).reshape(-1, 1)], dim=-1)
+        return self.decision_head(features).softmax(dim=-1)
+
+    # ----- forward ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        gen_targets: torch.FloatTensor | None = None,
+        concat_captions: bool | float = False,
+        image_features: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Any | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> GillOutput | GillCausalLMOutputWithPast:
+        r"""
+        Two kinds of call share this entry point, as training and decoding share a model:
+
+        - **training** (the default): `input_ids` are `[BOS caption [IMG0..7] pad]` rows (right padded,
+          from `GillProcessor.build_training_inputs`), with the rows' images as `pixel_values` (or
+          precomputed `image_features`) and optionally `gen_targets` `(batch, num_clip_tokens,
+          gen_emb_dim)`. Builds the captioning pass and the text pass and returns [`GillOutput`].
+          `concat_captions`: `True` always applies the reference's two-caption concatenation,
+          a float in (0, 1) draws it per pass with that probability (torch's RNG).
+        - **decoding**: when a `cache`, `inputs_embeds` or `use_cache=True` is given, or `input_ids`
+          holds `<|image|>` placeholders (prompts from `GillProcessor`; training rows never do).
+          Placeholders are replaced by the visual prefix of `pixel_values` and the LM runs once;
+          returns [`GillCausalLMOutputWithPast`]. This is what `generate()` calls.
+        """
+        if self._is_decoding_call(input_ids, inputs_embeds, cache, use_cache):
+            return self._decoding_forward(
+                input_ids, pixel_values, image_features, attention_mask, inputs_embeds, cache, use_cache, **kwargs
+            )
+        if kwargs.get("labels") is not None:
+            raise ValueError("`labels` are built by the model from `input_ids`; do not pass them.")
+        return self._training_forward(input_ids, pixel_values, image_features, gen_targets, concat_captions)
+
+    def _is_decoding_call(self, input_ids, inputs_embeds, cache, use_cache) -> bool:
+        if cache is not None or inputs_embeds is not None or use_cache:
+            return True
+        image_token_id = self.config.image_token_id
+        return input_ids is not None and image_token_id is not None and bool((input_ids == image_token_id).any())
+
+    def embed_prompt(self, input_ids: torch.LongTensor, pixel_values=None, image_features=None) -> torch.Tensor:
+        """Embeds prompt ids, replacing each run of `num_visual_tokens` `<|image|>` placeholders
+        by the visual prefix of the next image (images in row-major order)."""
+        placeholder = input_ids == self.config.image_token_id if self.config.image_token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        n_slots = int(placeholder.sum())
+        if n_slots == 0:
+            if pixel_values is not None or image_features is not None:
+                raise ValueError("Images were given but `input_ids` holds no `<|image|>` placeholders for them.")
+            return self.embed_tokens(input_ids)
+        if pixel_values is None and image_features is None:
+            raise ValueError("`input_ids` holds `<|image|>` placeholders but no `pixel_values` were given.")
+        prefix = self.get_visual_prefix(pixel_values, image_features)
+        if prefix.shape[0] * prefix.shape[1] != n_slots:
+            raise ValueError(
+                f"`pixel_values` holds {prefix.shape[0]} images ({prefix.shape[0] * prefix.shape[1]} visual "
+                f"vectors) but `input_ids` has {n_slots} `<|image|>` placeholders."
+            )
+        embeds = self.embed_tokens(input_ids.masked_fill(placeholder, 0))
+        return embeds.masked_scatter(placeholder[..., None], prefix.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def _run_lm(self, inputs_embeds: torch.Tensor, **kwargs):
+        outputs = self.language_model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
+        return outputs, outputs.hidden_states[self.config.text_emb_layers[0]]
+
+    def _decoding_forward(self, input_ids, pixel_values, image_features, attention_mask, inputs_embeds, cache, use_cache, **kwargs):
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass `input_ids` or `inputs_embeds`.")
+            inputs_embeds = self.embed_prompt(input_ids, pixel_values, image_features)
+        output_hidden_states = kwargs.pop("output_hidden_states", False)
+        logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        outputs, _ = self._run_lm(
+            inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
+        )
+        last_hidden = outputs.hidden_states[-1]
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            last_hidden = last_hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            last_hidden = last_hidden[:, logits_to_keep]
+        return GillCausalLMOutputWithPast(
+            logits=self.compute_logits(last_hidden, outputs.logits),
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    # ----- training forward --------------------------------------------------------------------
+
+    def _img_block_starts(self, input_ids: torch.LongTensor) -> list[int]:
+        """Position of the `[IMG0..7]` block in each training row (it ends the row's real tokens)."""
+        n_img = self.config.num_img_tokens
+        starts = []
+        for row, ids in enumerate(input_ids.tolist()):
+            if self.config.img_token_ids[0] not in ids:
+                raise ValueError(f"`input_ids` row {row} has no [IMG] block; training rows are `[BOS caption [IMG0..{n_img - 1}] pad]`.")
+            start = ids.index(self.config.img_token_ids[0])
+            if ids[start : start + n_img] != list(self.config.img_token_ids):
+                raise ValueError(f"`input_ids` row {row} has an incomplete [IMG] block at position {start}.")
+            starts.append(start)
+        return starts
+
+    def _draw_concat(self, concat_captions: bool | float) -> bool:
+        if isinstance(concat_captions, bool):
+            return concat_captions
+        if not 0.0 <= concat_captions <= 1.0:
+            raise ValueError(f"`concat_captions` must be a bool or a probability in [0, 1], got {concat_captions!r}.")
+        return bool(torch.rand(()) < concat_captions)
+
+    def _drop_leading_bos(self, ids: torch.Tensor) -> int:
+        return int(len(ids) > 0 and ids[0].item() == self.config.text_config.bos_token_id)
+
+    def _training_forward(self, input_ids, pixel_values, image_features, gen_targets, concat_captions) -> GillOutput:
+        if input_ids is None or input_ids.ndim != 2 or input_ids.shape[0] == 0:
+            raise ValueError("`input_ids` must be a non-empty (batch, length) tensor of training rows.")
+        batch, n_img = input_ids.shape[0], self.config.num_img_tokens
+        starts = self._img_block_starts(input_ids)
+        has_images = pixel_values is not None or image_features is not None
+        features = self._image_features(pixel_values, image_features) if has_images else None
+        if features is not None and features.shape[0] != batch:
+            raise ValueError(f"Got {features.shape[0]} images for {batch} `input_ids` rows.")
+        if gen_targets is not None and gen_targets.shape != (batch, self.config.num_clip_tokens, self.config.gen_emb_dim):
+            raise ValueError(
+                f"`gen_targets` must be ({batch}, {self.config.num_clip_tokens}, {self.config.gen_emb_dim}), got {tuple(gen_targets.shape)}."
+            )
+        token_embeds = self.embed_tokens(input_ids)
+        out = GillOutput()
+
+        if features is not None:
+            prefix = self.get_visual_prefix(image_features=features).to(token_embeds.dtype)
+            pieces = [self._caption_piece(prefix[i], token_embeds[i], input_ids[i], starts[i]) for i in range(batch)]
+            embeds, labels, _ = self._stack_pass(pieces, self._draw_concat(concat_captions))
+            outputs, _ = self._run_lm(embeds)
+            out.caption_logits = self.compute_logits(outputs.hidden_states[-1], outputs.logits)
+            out.caption_labels = labels
+            out.caption_loss = causal_lm_loss(out.caption_logits, labels)
+
+        pieces = [self._text_piece(token_embeds[i], input_ids[i], starts[i]) for i in range(batch)]
+        embeds, labels, block_positions = self._stack_pass(pieces, self._draw_concat(concat_captions))
+        outputs, emb_layer_states = self._run_lm(embeds)
+        out.text_logits = self.compute_logits(outputs.hidden_states[-1], outputs.logits)
+        out.text_labels = self._mask_after_img0(labels)
+        out.text_loss = causal_lm_loss(out.text_logits, out.text_labels)
+        out.img_hidden_states = torch.stack(
+            [emb_layer_states[row, pos : pos + n_img] for row, pos in block_positions]
+        )
+        if features is not None:
+            out.text_embeds = self.get_text_retrieval_embeds(out.img_hidden_states)
+            out.image_embeds = self.get_image_retrieval_embeds(image_features=features)
+            image_side, text_side = gather_across_processes(out.image_embeds), gather_across_processes(out.text_embeds)
+            out.logits_per_image = self.logit_scale.exp() * image_side @ text_side.T
+            targets = torch.arange(out.logits_per_image.shape[0], device=out.logits_per_image.device)
+            out.contrastive_loss = (F.cross_entropy(out.logits_per_image.float(), targets) + F.cross_entropy(out.logits_per_image.T.float(), targets)) / 2
+        if gen_targets is not None:
+            out.prompt_embeds = self.get_prompt_embeds(out.img_hidden_states)
+            distance = (out.prompt_embeds.float() - gen_targets.float()).pow(2).sum(-1).sqrt()
+            out.gen_loss = distance.mean()
+
+        scaled = [
+            (out.caption_loss, self.config.caption_loss_scale),
+            (out.text_loss, self.config.text_loss_scale),
+            (out.contrastive_loss, self.config.contrastive_loss_scale),
+            (out.gen_loss, self.config.gen_loss_scale),
+        ]
+        out.loss = sum(value * scale for value, scale in scaled if value is not None)
+        return out
+
+    def _caption_piece(self, prefix, token_embeds, ids, start):
+        """Captioning pass row: `[visual prefix, BOS caption | [IMG] block and pads]`; labels cover
+        BOS + caption. The part after `|` is the row's tail, moved behind a concatenated pair."""
+        n_vis = prefix.shape[0]
+        labels = torch.full((n_vis + len(ids),), IGNORE_INDEX, dtype=torch.long, device=ids.device)
+        labels[n_vis : n_vis + start] = ids[:start]
+        embeds = torch.cat([prefix, token_embeds])
+        return embeds, labels, n_vis + start, n_vis, None
+
+    def _text_piece(self, token_embeds, ids, start):
+        """Text pass row: `[BOS caption [IMG0..7] | pads]`; labels cover everything before the pads
+        (`_mask_after_img0` then keeps caption + `[IMG0]`)."""
+        body = start + self.config.num_img_tokens
+        labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long, device=ids.device)
+        labels[:body] = ids[:body]
+        return token_embeds, labels, body, 0, start
+
+    def _stack_pass(self, pieces, concat: bool):
+        """Stacks pass rows, or concatenates consecutive pairs as the reference does:
+        `[body_1, body_2 without its BOS, tail_1, tail_2]` (the second row's visual prefix, if any,
+        stays in front of its caption). Returns embeds, labels and the `(row, position)` of every
+        example's `[IMG]` block."""
+        if not concat:
+            embeds = torch.stack([p[0] for p in pieces])
+            labels = torch.stack([p[1] for p in pieces])
+            return embeds, labels, [(i, p[4]) for i, p in enumerate(pieces)]
+        if len(pieces) % 2:
+            raise ValueError(f"Caption concatenation pairs examples: the batch size must be even, got {len(pieces)}.")
+        rows_embeds, rows_labels, blocks = [], [], []
+        for pair in range(len(pieces) // 2):
+            (e1, l1, body1, _, blk1), (e2, l2, body2, bos2, blk2) = pieces[2 * pair], pieces[2 * pair + 1]
+            drop = bos2 + self._drop_leading_bos(l2[bos2:body2])
+            keep2 = torch.cat([torch.arange(bos2), torch.arange(drop, body2)]).to(e2.device)
+            rows_embeds.append(torch.cat([e1[:body1], e2[keep2], e1[body1:], e2[body2:]]))
+            rows_labels.append(torch.cat([l1[:body1], l2[keep2], l1[body1:], l2[body2:]]))
+            if blk1 is not None:
+                blocks += [(pair, blk1), (pair, body1 + blk2 - (drop - bos2))]
+        return torch.stack(rows_embeds), torch.stack(rows_labels), blocks
+
+    def _mask_after_img0(self, labels: torch.LongTensor) -> torch.LongTensor:
+        """The text pass keeps caption + `[IMG0]`: everything from the first `[IMG1..]` on is masked
+        (for a concatenated pair the reference thereby masks the second caption too)."""
+        later = torch.isin(labels, self.img_token_ids[1:])
+        return labels.masked_fill(later.cumsum(-1) > 0, IGNORE_INDEX)
+
+    # ----- generation --------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_features=None, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["image_features"] = image_features
+        return model_inputs
+
+    # ----- construction from backbones ---------------------------------------------------------
+
+    @classmethod
+    def from_pretrained_backbones(
+        cls,
+        text_model: Any,
+        vision_model: Any,
+        *,
+        tokenizer=None,
+        dtype: torch.dtype | str | None = None,
+        **gill_kwargs,
+    ) -> GillForConditionalGeneration:
+        r"""
+        Fresh GILL heads on frozen pretrained backbones.
+
+        Args:
+            text_model: a hub id, a local folder or a backbone reference dict of the causal LM.
+            vision_model: the same for the vision tower (a full CLIP checkpoint gives its vision tower).
+            tokenizer: the LM's tokenizer; loaded from `text_model` when omitted. `<|image|>` and the
+                `[IMG]` tokens are added to it (see `add_gill_tokens`) to fix the ids.
+            dtype: dtype of the backbones (the GILL heads stay float32).
+            gill_kwargs: any [`GillConfig`] field (`gen_emb_dim`, `ret_emb_dim`, ...).
+        """
+        text_source, text_extra = cls.backbone_resolver(text_model)
+        vision_source, vision_extra = cls.backbone_resolver(vision_model)
+        language_model = AutoModelForCausalLM.from_pretrained(text_source, dtype=dtype, **text_extra)
+        vision_config = AutoConfig.from_pretrained(vision_source, **vision_extra)
+        vision_config = getattr(vision_config, "vision_config", vision_config)
+        vision = AutoModel.from_pretrained(vision_source, config=vision_config, dtype=dtype, **vision_extra)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(text_source, **text_extra)
+        num_img_tokens = gill_kwargs.pop("num_img_tokens", 8)
+        image_token_id, img_token_ids = add_gill_tokens(tokenizer, num_img_tokens)
+        references = {"text_model": text_model, "vision_model": vision_model}
+        config = GillConfig(
+            text_config=language_model.config,
+            vision_config=vision.config,
+            num_img_tokens=num_img_tokens,
+            img_token_ids=img_token_ids,
+            image_token_id=image_token_id,
+            vocab_size=len(tokenizer),
+            backbone_references=gill_kwargs.pop("backbone_references", references),
+            **gill_kwargs,
+        )
+        model = cls(config, language_model=language_model, vision_model=vision)
+        model.rescale_img_rows_()
+        return model
+
+    @torch.no_grad()
+    def rescale_img_rows_(self) -> None:
+        """Sets every `[IMG]` row's L2 norm to the mean norm of the LM's rows (the reference does
+        this after every optimizer step; doing it at init starts from the same scale)."""
+        for rows, lm_rows in ((self.img_embeddings, self.get_input_embeddings().weight),
+                              (self.img_output_embeddings, self.language_model.get_output_embeddings().weight)):
+            if rows is None:
+                continue
+            keep = torch.ones(lm_rows.shape[0], dtype=torch.bool, device=lm_rows.device)
+            keep[self.img_token_ids[self.img_token_ids < lm_rows.shape[0]]] = False
+            target = lm_rows[keep].float().norm(dim=-1).mean()
+            rows.mul_((target / rows.float().norm(dim=-1, keepdim=True)).to(rows.dtype))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """Mean next-token cross entropy over positions whose label is not -100."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gathers along the batch so contrastive negatives span every process; the local slice
+    keeps its gradient (as the reference's training loop does)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    gathered[dist.get_rank()] = tensor
+    return torch.cat(gathered)
+
+
+__all__ = [
+    "GillCausalLMOutputWithPast",
+    "GillDecisionHead",
+    "GillForConditionalGeneration",
+    "GillMapper",
+    "GillOutput",
+    "GillPreTrainedModel",
+    "add_gill_tokens",
+    "causal_lm_loss",
+]
