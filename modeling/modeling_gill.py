@@ -12,14 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
+from .checkpointing import ADAPTER_WEIGHTS_NAME, atomic_directory, load_adapter_weights, save_adapter_weights
 from .configuration_gill import GillConfig
 
 IGNORE_INDEX = -100
@@ -107,7 +111,15 @@ class GillMapper(nn.Module):
         self.input_proj = nn.Linear(text_hidden, width)
         # Pre-LN with final norms on both stacks and no masks: decoder self-attention over the
         # queries is bidirectional, exactly as torch's nn.Transformer in the reference.
-        self.transformer = nn.Transformer(
+        with warnings.catch_warnings():  # torch notes that norm_first disables its nested-tensor path
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            self.transformer = self._build_transformer(config, width)
+        self.queries = nn.Parameter(torch.randn(1, config.num_clip_tokens, width))
+        self.output_proj = nn.Linear(width, config.gen_emb_dim)
+
+    @staticmethod
+    def _build_transformer(config: GillConfig, width: int) -> nn.Transformer:
+        return nn.Transformer(
             d_model=width,
             nhead=config.mapper_num_heads,
             num_encoder_layers=config.mapper_num_encoder_layers,
@@ -117,8 +129,6 @@ class GillMapper(nn.Module):
             batch_first=True,
             norm_first=True,
         )
-        self.queries = nn.Parameter(torch.randn(1, config.num_clip_tokens, width))
-        self.output_proj = nn.Linear(width, config.gen_emb_dim)
 
     def forward(self, img_hidden_states: torch.Tensor, img_embeddings: torch.Tensor) -> torch.Tensor:
         x = self.input_proj(img_hidden_states + img_embeddings)
@@ -445,6 +455,7 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
                 raise ValueError("Pass `input_ids` or `inputs_embeds`.")
             inputs_embeds = self.embed_prompt(input_ids, pixel_values, image_features)
         output_hidden_states = kwargs.pop("output_hidden_states", False)
+        kwargs.pop("return_dict", None)  # outputs are always ModelOutputs
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
         outputs, _ = self._run_lm(
             inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
@@ -595,40 +606,40 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
             model_inputs["image_features"] = image_features
         return model_inputs
 
-    # ----- construction from backbones ---------------------------------------------------------
+    # ----- construction, checkpoints ---------------------------------------------------------
+
+    @classmethod
+    def _load_backbones(cls, text_model: Any, vision_model: Any, **load_kwargs) -> tuple[PreTrainedModel, PreTrainedModel]:
+        text_source, text_extra = cls.backbone_resolver(text_model)
+        vision_source, vision_extra = cls.backbone_resolver(vision_model)
+        language_model = AutoModelForCausalLM.from_pretrained(text_source, **text_extra, **load_kwargs)
+        vision_config = AutoConfig.from_pretrained(vision_source, **vision_extra)
+        # A full CLIP checkpoint names a dual-encoder config: keep its vision tower only.
+        vision_config = getattr(vision_config, "vision_config", vision_config)
+        vision = AutoModel.from_pretrained(vision_source, config=vision_config, **vision_extra, **load_kwargs)
+        return language_model, vision
 
     @classmethod
     def from_pretrained_backbones(
-        cls,
-        text_model: Any,
-        vision_model: Any,
-        *,
-        tokenizer=None,
-        dtype: torch.dtype | str | None = None,
-        **gill_kwargs,
+        cls, text_model: Any, vision_model: Any, *, tokenizer=None, dtype: torch.dtype | str | None = None, **gill_kwargs
     ) -> GillForConditionalGeneration:
         r"""
         Fresh GILL heads on frozen pretrained backbones.
 
         Args:
-            text_model: a hub id, a local folder or a backbone reference dict of the causal LM.
+            text_model: a hub id, a local folder or a backbone reference of the causal LM.
             vision_model: the same for the vision tower (a full CLIP checkpoint gives its vision tower).
             tokenizer: the LM's tokenizer; loaded from `text_model` when omitted. `<|image|>` and the
-                `[IMG]` tokens are added to it (see `add_gill_tokens`) to fix the ids.
+                `[IMG]` tokens are added to it (`add_gill_tokens`), which fixes their ids.
             dtype: dtype of the backbones (the GILL heads stay float32).
             gill_kwargs: any [`GillConfig`] field (`gen_emb_dim`, `ret_emb_dim`, ...).
         """
-        text_source, text_extra = cls.backbone_resolver(text_model)
-        vision_source, vision_extra = cls.backbone_resolver(vision_model)
-        language_model = AutoModelForCausalLM.from_pretrained(text_source, dtype=dtype, **text_extra)
-        vision_config = AutoConfig.from_pretrained(vision_source, **vision_extra)
-        vision_config = getattr(vision_config, "vision_config", vision_config)
-        vision = AutoModel.from_pretrained(vision_source, config=vision_config, dtype=dtype, **vision_extra)
+        language_model, vision = cls._load_backbones(text_model, vision_model, dtype=dtype)
         if tokenizer is None:
+            text_source, text_extra = cls.backbone_resolver(text_model)
             tokenizer = AutoTokenizer.from_pretrained(text_source, **text_extra)
         num_img_tokens = gill_kwargs.pop("num_img_tokens", 8)
         image_token_id, img_token_ids = add_gill_tokens(tokenizer, num_img_tokens)
-        references = {"text_model": text_model, "vision_model": vision_model}
         config = GillConfig(
             text_config=language_model.config,
             vision_config=vision.config,
@@ -636,12 +647,78 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
             img_token_ids=img_token_ids,
             image_token_id=image_token_id,
             vocab_size=len(tokenizer),
-            backbone_references=gill_kwargs.pop("backbone_references", references),
+            backbone_references={"text_model": text_model, "vision_model": vision_model},
             **gill_kwargs,
         )
         model = cls(config, language_model=language_model, vision_model=vision)
         model.rescale_img_rows_()
         return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, form: str = "full", **kwargs) -> None:
+        r"""
+        Saves atomically (a temporary folder renamed into place), in one of two forms:
+
+        - `"full"`: the standard self-contained checkpoint (backbones included);
+        - `"adapter"`: only GILL's tensors (`gill_adapter.safetensors`) + the config, whose
+          `backbone_references` name the backbones that `from_pretrained` loads back.
+        """
+        if form not in ("full", "adapter"):
+            raise ValueError(f"`form` must be 'full' or 'adapter', got {form!r}.")
+        if form == "adapter":
+            references = self.config.backbone_references or {}
+            missing = [name for name in ("text_model", "vision_model") if not references.get(name)]
+            if missing:
+                raise ValueError(
+                    f"The adapter form needs `config.backbone_references` for {missing}; save with form='full' instead."
+                )
+        with atomic_directory(save_directory) as staging:
+            if form == "full":
+                super().save_pretrained(staging, **kwargs)
+            else:
+                self.config.save_pretrained(staging)
+                save_adapter_weights(self, staging)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, text_model: Any = None, vision_model: Any = None, **kwargs):
+        r"""
+        Loads either checkpoint form. The adapter form loads its backbones from the references in
+        its config (or from `text_model` / `vision_model` when given) through `backbone_resolver`;
+        `dtype` and `device_map` apply to the backbones, GILL's heads follow the LM's device.
+        A checkpoint missing any GILL or backbone tensor is a `ValueError` naming the keys.
+        """
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token", "subfolder") if k in kwargs}
+        adapter_file = cached_file(
+            pretrained_model_name_or_path, ADAPTER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if adapter_file is None:
+            kwargs.pop("output_loading_info", None)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+            if info["missing_keys"]:
+                raise ValueError(
+                    f"The checkpoint at {str(pretrained_model_name_or_path)!r} lacks keys {sorted(info['missing_keys'])}."
+                )
+            return model
+        config = kwargs.pop("config", None) or GillConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        references = config.backbone_references or {}
+        text_model = text_model if text_model is not None else references.get("text_model")
+        vision_model = vision_model if vision_model is not None else references.get("vision_model")
+        if text_model is None or vision_model is None:
+            raise ValueError(f"{adapter_file!r} is an adapter checkpoint but its config names no backbones.")
+        load_kwargs = {k: kwargs[k] for k in ("dtype", "device_map") if k in kwargs}
+        language_model, vision = cls._load_backbones(text_model, vision_model, **load_kwargs)
+        _check_backbone_sizes(config, language_model.config, vision.config)
+        model = cls(config, language_model=language_model, vision_model=vision)
+        load_adapter_weights(model, adapter_file)
+        device = language_model.get_input_embeddings().weight.device
+        for name, child in model.named_children():
+            if name not in ("language_model", "vision_model"):
+                child.to(device)
+        model.logit_scale.data = model.logit_scale.data.to(device)
+        model.img_embeddings.data = model.img_embeddings.data.to(device)
+        if model.img_output_embeddings is not None:
+            model.img_output_embeddings.data = model.img_output_embeddings.data.to(device)
+        model.img_token_ids = model.img_token_ids.to(device)
+        return model.eval()
 
     @torch.no_grad()
     def rescale_img_rows_(self) -> None:
@@ -655,6 +732,23 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
             keep[self.img_token_ids[self.img_token_ids < lm_rows.shape[0]]] = False
             target = lm_rows[keep].float().norm(dim=-1).mean()
             rows.mul_((target / rows.float().norm(dim=-1, keepdim=True)).to(rows.dtype))
+
+
+def _check_backbone_sizes(config: GillConfig, text_config, vision_config) -> None:
+    """Backbones loaded for an adapter must have the sizes the GILL weights were trained on."""
+    checks = [
+        ("text_model", "hidden_size", config.text_config, text_config),
+        ("text_model", "vocab_size", config.text_config, text_config),
+        ("text_model", "num_hidden_layers", config.text_config, text_config),
+        ("vision_model", "hidden_size", config.vision_config, vision_config),
+        ("vision_model", "image_size", config.vision_config, vision_config),
+    ]
+    for backbone, field, saved, loaded in checks:
+        if getattr(saved, field, None) != getattr(loaded, field, None):
+            raise ValueError(
+                f"The {backbone} backbone has {field}={getattr(loaded, field, None)} but the GILL weights were "
+                f"trained on {field}={getattr(saved, field, None)}."
+            )
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
