@@ -5,8 +5,9 @@ import PIL.Image
 import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import logging
+
+from .modeling import IMAGE_TOKEN, add_gill_tokens, img_token_names
 
 
 logger = logging.get_logger(__name__)
@@ -117,7 +118,7 @@ class GillProcessor(ProcessorMixin):
             Number of LM input positions one input image occupies.
     """
 
-    image_token = "<|image|>"
+    image_token = IMAGE_TOKEN
 
     # ProcessorMixin saves the `__init__` arguments found in `self.__dict__` to processor_config.json and
     # `from_pretrained` passes back only positional-or-keyword ones, so the two counts must stay that way.
@@ -137,19 +138,13 @@ class GillProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
         self.num_img_tokens = num_img_tokens
         self.num_visual_tokens = num_visual_tokens
-        self.img_tokens = [f"[IMG{i}]" for i in range(num_img_tokens)]
+        self.img_tokens = img_token_names(num_img_tokens)
 
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError("`tokenizer` has neither a pad token nor an EOS token to pad with; set `pad_token`.")
             tokenizer.pad_token = tokenizer.eos_token
-        # `add_tokens` keeps the list order and skips tokens already present, so ids never move.
-        tokenizer.add_tokens(
-            [AddedToken(token, special=True, normalized=False) for token in [self.image_token, *self.img_tokens]],
-            special_tokens=True,
-        )
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.img_token_ids = tokenizer.convert_tokens_to_ids(self.img_tokens)
+        self.image_token_id, self.img_token_ids = add_gill_tokens(tokenizer, num_img_tokens)
 
     def __call__(
         self,

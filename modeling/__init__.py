@@ -8,7 +8,9 @@ from .modeling_gill import (
     GillMapper,
     GillOutput,
     GillPreTrainedModel,
+    IMAGE_TOKEN,
     add_gill_tokens,
+    img_token_names,
 )
 
 __all__ = [
@@ -19,5 +21,7 @@ __all__ = [
     "GillMapper",
     "GillOutput",
     "GillPreTrainedModel",
+    "IMAGE_TOKEN",
     "add_gill_tokens",
+    "img_token_names",
 ]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import ModelOutput, cached_file
 
 from .checkpointing import ADAPTER_WEIGHTS_NAME, atomic_directory, load_adapter_weights, save_adapter_weights
@@ -38,8 +39,9 @@ def add_gill_tokens(tokenizer, num_img_tokens: int = 8) -> tuple[int, list[int]]
     """Adds `<|image|>` and then `[IMG0]`.. to `tokenizer` (in place, in the reference's order, so
     OPT gets 50265 and 50266-50273) and returns their ids. Tokens already present keep their ids.
     """
-    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    tokenizer.add_tokens(img_token_names(num_img_tokens), special_tokens=True)
+    # `add_tokens` keeps the list order and skips tokens already present, so ids never move.
+    tokens = [IMAGE_TOKEN, *img_token_names(num_img_tokens)]
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in tokens], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     img_token_ids = tokenizer.convert_tokens_to_ids(img_token_names(num_img_tokens))
     return image_token_id, list(img_token_ids)
@@ -232,21 +234,16 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         n_img = config.num_img_tokens
         self.visual_projection = nn.Linear(vision_hidden, text_hidden * config.num_visual_tokens)
         self.img_embeddings = nn.Parameter(torch.empty(n_img, text_hidden))
-        self.img_output_embeddings = None if self._lm_ties_rows() else nn.Parameter(torch.empty(n_img, text_hidden))
+        self.img_output_embeddings = None if config.lm_ties_embeddings else nn.Parameter(torch.empty(n_img, text_hidden))
         self.text_retrieval_projection = nn.Linear(text_hidden, config.ret_emb_dim)
         self.image_retrieval_projection = nn.Linear(vision_hidden, config.ret_emb_dim)
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.mapper = GillMapper(config)
         self.decision_head = GillDecisionHead(config) if config.decision_head_type else None
-        self.register_buffer("img_token_ids", torch.tensor(config.img_token_ids), persistent=False)
         self.post_init()
         self.freeze_backbones()
 
     # ----- structure -------------------------------------------------------------------------
-
-    def _lm_ties_rows(self) -> bool:
-        out = self.language_model.get_output_embeddings()
-        return out is not None and out.weight is self.language_model.get_input_embeddings().weight
 
     def _check_backbones(self) -> None:
         embed = self.language_model.get_input_embeddings()
@@ -284,6 +281,11 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module | None:
         return None  # the LM keeps its own head; GILL adds [IMG] columns in `compute_logits`
+
+    @property
+    def img_token_ids(self) -> torch.LongTensor:
+        # Built from the config on use: a non-persistent buffer would not survive meta-device loading.
+        return torch.tensor(self.config.img_token_ids, device=self.img_embeddings.device)
 
     @property
     def num_lm_rows(self) -> int:
@@ -697,6 +699,8 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
                 raise ValueError(
                     f"The checkpoint at {str(pretrained_model_name_or_path)!r} lacks keys {sorted(info['missing_keys'])}."
                 )
+            model._own_head_memory()
+            model.freeze_backbones()  # loading materialises fresh parameters, which forget requires_grad
             return model
         config = kwargs.pop("config", None) or GillConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         references = config.backbone_references or {}
@@ -709,16 +713,17 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         _check_backbone_sizes(config, language_model.config, vision.config)
         model = cls(config, language_model=language_model, vision_model=vision)
         load_adapter_weights(model, adapter_file)
-        device = language_model.get_input_embeddings().weight.device
-        for name, child in model.named_children():
-            if name not in ("language_model", "vision_model"):
-                child.to(device)
-        model.logit_scale.data = model.logit_scale.data.to(device)
-        model.img_embeddings.data = model.img_embeddings.data.to(device)
-        if model.img_output_embeddings is not None:
-            model.img_output_embeddings.data = model.img_output_embeddings.data.to(device)
-        model.img_token_ids = model.img_token_ids.to(device)
+        model._own_head_memory(device=language_model.get_input_embeddings().weight.device)
         return model.eval()
+
+    @torch.no_grad()
+    def _own_head_memory(self, device: torch.device | None = None) -> None:
+        """Gives GILL's head tensors fresh (aligned) storage, on `device` if given. Memory-mapped
+        safetensors can sit at unaligned addresses, which sends CPU matmuls down other kernels and
+        changes results in the last bits; the heads are small, so copying them is cheap."""
+        for name, param in self.named_parameters():
+            if not name.startswith(("language_model.", "vision_model.")):
+                param.data = param.data.to(device=device or param.device, copy=True)
 
     @torch.no_grad()
     def rescale_img_rows_(self) -> None:
