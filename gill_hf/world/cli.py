@@ -1,0 +1,107 @@
+"""Command-line entry points of the embedded world (`python -m gill_hf.world <command>`).
+
+`register_world_commands(subparsers)` adds them to any argparse subparsers object, so the
+package's main CLI can hang them under `gill-hf world ...`. Imports of torch-heavy modules
+happen inside the handlers to keep `--help` fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from .data import generate_dataset
+
+    for split, n in (("train", a.n_train), ("validation", a.n_val), ("heldout", a.n_heldout)):
+        ds = generate_dataset(n, split, a.seed)
+        path = f"{a.output_dir}/{split}.parquet"
+        ds.to_parquet(path)
+        print(f"wrote {len(ds)} rows to {path}")
+
+
+def _train_judge(a: argparse.Namespace) -> None:
+    from .judge import train_judge
+
+    info = train_judge(steps=a.steps, seed=a.seed, threads=a.threads, out_dir=a.output_dir,
+                       resume=not a.no_resume)
+    print(info)
+
+
+def _train_clip(a: argparse.Namespace) -> None:
+    from .clip import train_clip
+
+    print(train_clip(steps=a.steps, seed=a.seed, threads=a.threads, out_dir=a.output_dir,
+                     resume=not a.no_resume))
+
+
+def _train_vae(a: argparse.Namespace) -> None:
+    from .sd import train_vae
+
+    print(train_vae(steps=a.steps, seed=a.seed, threads=a.threads, out_dir=a.output_dir,
+                    resume=not a.no_resume))
+
+
+def _train_unet(a: argparse.Namespace) -> None:
+    from .sd import train_unet
+
+    print(train_unet(steps=a.steps, seed=a.seed, threads=a.threads, out_dir=a.output_dir,
+                     resume=not a.no_resume, clip_dir=a.clip_dir, vae_dir=a.vae_dir))
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from .evaluate import evaluate_all
+
+    print(evaluate_all(a.which, seed=a.seed, threads=a.threads, update_cards=a.update_cards))
+
+
+def _common(p: argparse.ArgumentParser, steps: int | None = None) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the cores are shared)")
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--output-dir", default=None, help="default: the package's assets folder")
+        p.add_argument("--no-resume", action="store_true", help="ignore a cached checkpoint")
+
+
+def register_world_commands(subparsers) -> None:
+    """Add the world's commands to an argparse `subparsers` object."""
+    p = subparsers.add_parser("generate", help="write train/validation/heldout splits as parquet")
+    _common(p)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-val", type=int, default=2000)
+    p.add_argument("--n-heldout", type=int, default=2000)
+    p.set_defaults(func=_generate)
+
+    p = subparsers.add_parser("train-judge", help="train the attribute judge (CNN)")
+    _common(p, steps=3000)
+    p.set_defaults(func=_train_judge)
+
+    p = subparsers.add_parser("train-clip", help="train the world CLIP (tokenizer + CLIPModel)")
+    _common(p, steps=1200)
+    p.set_defaults(func=_train_clip)
+
+    p = subparsers.add_parser("train-vae", help="train the world SD's AutoencoderKL")
+    _common(p, steps=1500)
+    p.set_defaults(func=_train_vae)
+
+    p = subparsers.add_parser("train-unet", help="train the world SD's UNet (needs clip + vae)")
+    _common(p, steps=20000)
+    p.add_argument("--clip-dir", default=None)
+    p.add_argument("--vae-dir", default=None)
+    p.set_defaults(func=_train_unet)
+
+    p = subparsers.add_parser("evaluate", help="measure the shipped models' acceptance metrics")
+    _common(p)
+    p.add_argument("which", nargs="*", default=["judge", "clip", "vae", "sd"])
+    p.add_argument("--update-cards", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gill_hf.world", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_world_commands(sub)
+    a = parser.parse_args(argv)
+    a.func(a)

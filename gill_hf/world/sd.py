@@ -1,0 +1,252 @@
+"""World Stable Diffusion: an `AutoencoderKL` and a `UNet2DConditionModel` conditioned on
+the world CLIP's text encoder (`last_hidden_state`, 77 tokens), packed as a standard
+`StableDiffusionPipeline` folder.
+
+32x32 images, VAE factor 4 -> 4x8x8 latents: the UNet's cost on two CPU cores is set by
+the latent size, and 8x8 is what trains in about an hour there. The noise schedule is
+cosine with zero terminal SNR, v-prediction and "trailing" timesteps: at inference the
+first step then starts from pure noise, which fixes the tinted, noisy backgrounds that an
+epsilon-model trained without terminal SNR leaves (ENVIRONMENT.md's probe).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+
+from .common import (Checkpoint, asset_path, plot_curves, progress, seed_everything,
+                     set_threads, smooth, to_tensor, to_uint8, write_json)
+from .data import cache_dir, generate_arrays
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                timestep_spacing="trailing")
+CFG_DROPOUT = 0.1  # share of training captions replaced by "" for classifier-free guidance
+
+
+# ----------------------------------------------------------------------------- VAE
+
+def make_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        # Narrow at full resolution (16 channels at 32x32), where a CPU step's cost lies.
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+    )
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-image PSNR in dB between uint8 image arrays."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: np.ndarray, bs: int = 256) -> np.ndarray:
+    vae.eval()
+    outs = []
+    for i in range(0, len(images), bs):
+        x = to_tensor(images[i:i + bs])
+        z = vae.encode(x).latent_dist.mode()
+        outs.append(to_uint8(vae.decode(z).sample))
+    return np.concatenate(outs)
+
+
+def train_vae(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+              n_train: int = 60000, kl_weight: float = 1e-6, threads: int = 1,
+              out_dir: str | Path | None = None, resume: bool = True) -> dict:
+    set_threads(threads)
+    seed_everything(seed)
+    t_start = time.time()
+    data = generate_arrays(n_train, "train", seed)
+    x_all = to_tensor(data["images"])
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    ckpt = Checkpoint(f"vae-s{seed}", every_s=120)
+    g = torch.Generator().manual_seed(seed)
+    step, hist, elapsed = ckpt.restore(vae, opt, sched, g, {"loss": [], "val_psnr": []}, resume)
+    val = generate_arrays(500, "validation", seed + 1)
+    t0 = time.time() - elapsed
+    bar = progress(steps, step, "vae")
+    while step < steps:
+        vae.train()
+        idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        # MSE drives PSNR; L1 sharpens the flat-colour edges.
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + kl_weight * post.kl().mean()
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step(); sched.step()
+        step += 1
+        hist["loss"].append((step, loss.item()))
+        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 500 == 0 or step == steps:
+            p = psnr(val["images"], reconstruct(vae, val["images"]))
+            hist["val_psnr"].append((step, p))
+            bar.write(f"step {step} val PSNR {p:.2f} dB")
+        ckpt.snapshot(vae, opt, sched, g, step, hist, t0, force=step == steps)
+    bar.close()
+    wall = time.time() - t0
+    vae.eval()
+    # SD's scaling factor makes latents unit-variance for the UNet.
+    with torch.no_grad():
+        z = vae.encode(x_all[:2000]).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    out = Path(out_dir or cache_dir() / "vae")
+    out.mkdir(parents=True, exist_ok=True)
+    vae.to(torch.float16).save_pretrained(str(out))
+    vae.float()
+    plot_curves(out / "training_curve.png", {"loss (smoothed)": smooth(hist["loss"])},
+                "world VAE loss", log_y=True)
+    metrics = vae_report(vae, seed)
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "n_train": n_train,
+            "kl_weight": kl_weight, "scaling_factor": vae.config.scaling_factor,
+            "train_wall_s": round(wall, 1), "total_wall_s": round(time.time() - t_start, 1),
+            "threads": threads, "metrics": metrics, "val_psnr_curve": hist["val_psnr"]}
+    write_json(out / "training_info.json", info)
+    return info
+
+
+def vae_report(vae: AutoencoderKL, seed: int = 0) -> dict:
+    res = {}
+    for split in ("validation", "heldout"):
+        d = generate_arrays(1000, split, seed + 101, use_cache=False)
+        res[f"{split}_psnr_db"] = psnr(d["images"], reconstruct(vae, d["images"]))
+    return res
+
+
+# ----------------------------------------------------------------------------- UNet
+
+def make_unet(cross_attention_dim: int = 128) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(96, 192, 192),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=32, norm_num_groups=32,
+    )
+
+
+def make_scheduler(kind: str = "ddim"):
+    if kind == "ddpm":
+        return DDPMScheduler(**SCHEDULE)
+    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, captions: list[str], bs: int = 512) -> torch.Tensor:
+    """`last_hidden_state` over 77 tokens, exactly as StableDiffusionPipeline computes it."""
+    outs = []
+    for i in range(0, len(captions), bs):
+        ids = tokenizer(captions[i:i + bs], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        outs.append(text_encoder(ids)[0].to(torch.float16))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, bs: int = 500):
+    means, stds = [], []
+    for i in range(0, len(images), bs):
+        d = vae.encode(to_tensor(images[i:i + bs])).latent_dist
+        means.append(d.mean); stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def build_pipeline(unet, vae, clip_dir: str | Path) -> StableDiffusionPipeline:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=CLIPTextModel.from_pretrained(str(clip_dir), dtype=torch.float32),
+        tokenizer=CLIPTokenizer.from_pretrained(str(clip_dir)), unet=unet,
+        scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def train_unet(steps: int = 20000, batch_size: int = 64, lr: float = 5e-4, seed: int = 0,
+               n_train: int = 40000, threads: int = 1, out_dir: str | Path | None = None,
+               resume: bool = True, clip_dir: str | Path | None = None,
+               vae_dir: str | Path | None = None, eval_every: int = 2000) -> dict:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .evaluate import sd_report
+
+    set_threads(threads)
+    seed_everything(seed)
+    t_start = time.time()
+    clip_dir = Path(clip_dir or asset_path("clip"))
+    vae_dir = Path(vae_dir or cache_dir() / "vae")
+    tok = CLIPTokenizer.from_pretrained(str(clip_dir))
+    te = CLIPTextModel.from_pretrained(str(clip_dir), dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
+    sf = vae.config.scaling_factor
+    cache = cache_dir() / f"unet-inputs-s{seed}-n{n_train}.pt"
+    if cache.exists():
+        inputs = torch.load(cache)
+    else:  # text states and latent moments once, not per step
+        data = generate_arrays(n_train, "train", seed)
+        mean, std = encode_latents(vae, data["images"])
+        inputs = {"cond": encode_text(te, tok, data["captions"]), "mean": mean, "std": std,
+                  "uncond": encode_text(te, tok, [""])}
+        torch.save(inputs, cache)
+    unet = make_unet(te.config.hidden_size)
+    noise_sched = make_scheduler("ddpm")
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
+    ckpt = Checkpoint(f"unet-s{seed}", every_s=180)
+    g = torch.Generator().manual_seed(seed)
+    step, hist, elapsed = ckpt.restore(unet, opt, sched, g, {"loss": [], "evals": []}, resume)
+    t0 = time.time() - elapsed
+    bar = progress(steps, step, "unet")
+    while step < steps:
+        unet.train()
+        idx = torch.randint(0, len(inputs["cond"]), (batch_size,), generator=g)
+        z0 = (inputs["mean"][idx] + inputs["std"][idx] * torch.randn(inputs["mean"][idx].shape, generator=g)) * sf
+        cond = inputs["cond"][idx].float()
+        drop = torch.rand(batch_size, generator=g) < CFG_DROPOUT
+        cond[drop] = inputs["uncond"][0].float()
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        zt = noise_sched.add_noise(z0, noise, t)
+        target = noise_sched.get_velocity(z0, noise, t)
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step(); sched.step()
+        step += 1
+        hist["loss"].append((step, loss.item()))
+        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % eval_every == 0 or step == steps:
+            pipe = build_pipeline(unet.eval(), vae, clip_dir)
+            r = sd_report(pipe, n=100, steps=25, guidance=4.0, seed=seed, splits=("validation",))
+            hist["evals"].append((step, r["validation"]))
+            bar.write(f"step {step} judged {r}")
+        ckpt.snapshot(unet, opt, sched, g, step, hist, t0, force=step == steps or step % 1000 == 0)
+    bar.close()
+    wall = time.time() - t0
+    out = Path(out_dir or asset_path("sd"))
+    pipe = build_pipeline(unet.eval(), vae, clip_dir)
+    pipe.to(torch.float16).save_pretrained(str(out))
+    pipe.to(torch.float32)
+    series = {"loss (smoothed)": smooth(hist["loss"], 200)}
+    plot_curves(out / "training_curve.png", series, "world UNet v-prediction loss", log_y=True)
+    plot_curves(out / "judged_accuracy.png",
+                {k: [(s, r[k]) for s, r in hist["evals"]] for k in ("colour", "shape", "position", "size")},
+                "judged accuracy during training (100 val captions, 25 steps, cfg 4)")
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "n_train": n_train,
+            "cfg_dropout": CFG_DROPOUT, "schedule": SCHEDULE, "train_wall_s": round(wall, 1),
+            "total_wall_s": round(time.time() - t_start, 1), "threads": threads,
+            "evals": hist["evals"]}
+    write_json(out / "training_info.json", info)
+    return info
