@@ -642,9 +642,11 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
             tokenizer = AutoTokenizer.from_pretrained(text_source, **text_extra)
         num_img_tokens = gill_kwargs.pop("num_img_tokens", 8)
         image_token_id, img_token_ids = add_gill_tokens(tokenizer, num_img_tokens)
+        # Copies: building a composite config resets the attention implementation of the
+        # sub-configs it is given, which would silently change how the loaded LM attends.
         config = GillConfig(
-            text_config=language_model.config,
-            vision_config=vision.config,
+            text_config=language_model.config.to_dict(),
+            vision_config=vision.config.to_dict(),
             num_img_tokens=num_img_tokens,
             img_token_ids=img_token_ids,
             image_token_id=image_token_id,

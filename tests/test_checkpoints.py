@@ -150,3 +150,53 @@ def test_config_records_the_token_scheme(tmp_path):
     assert saved["model_type"] == "gill_hf"
     assert saved["img_token_ids"] == model.config.img_token_ids and saved["image_token_id"] == IMAGE_TOKEN_ID
     assert saved["text_config"]["model_type"] == "opt" and saved["vision_config"]["model_type"] == "clip_vision_model"
+
+
+def test_from_pretrained_backbones_and_auto_processor(tmp_path):
+    from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
+    from transformers import AutoProcessor, CLIPConfig, CLIPModel
+
+    from gill_hf import GillProcessor
+    from tiny_models import text_config, vision_config
+
+    tokenizer = opt_like_tokenizer(tmp_path / "tok")
+    lm_config = text_config("opt")
+    lm_config.vocab_size = len(tokenizer) + 5  # a few spare rows, like OPT's 50272 for 50265 entries
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(lm_config).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    # A full dual-encoder CLIP checkpoint: GILL keeps its vision tower.
+    clip = CLIPModel(CLIPConfig(vision_config=vision_config().to_dict(),
+                                text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "vocab_size": 99}))
+    clip.save_pretrained(tmp_path / "clip")
+
+    model = GillForConditionalGeneration.from_pretrained_backbones(
+        str(tmp_path / "lm"), str(tmp_path / "clip"), ret_emb_dim=8, gen_emb_dim=12, num_clip_tokens=4,
+        mapper_hidden_size=16, mapper_num_heads=2, mapper_ffn_dim=32)
+    size = len(opt_like_tokenizer(tmp_path / "tok2"))
+    assert model.config.image_token_id == size and model.config.img_token_ids == list(range(size + 1, size + 9))
+    assert model.logits_width == size + 9
+    vision_state = {k.removeprefix("vision_model."): v for k, v in clip.state_dict().items() if k.startswith("vision_model.")}
+    for name, tensor in model.vision_model.state_dict().items():
+        assert torch.equal(tensor, vision_state[name])
+    # [IMG] rows start at the mean norm of the LM's other rows (`<|image|>`'s included), as the
+    # reference keeps them.
+    lm_norm = model.get_input_embeddings().weight[: size + 1].norm(dim=-1).mean()
+    assert torch.allclose(model.img_embeddings.norm(dim=-1), lm_norm.expand(8), rtol=1e-4)
+
+    processor = GillProcessor(tiny_image_processor(), opt_like_tokenizer(tmp_path / "tok3"))
+    assert processor.img_token_ids == model.config.img_token_ids
+    model.save_pretrained(tmp_path / "gill", form="adapter")
+    processor.save_pretrained(tmp_path / "gill")
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path / "gill")
+    assert isinstance(loaded_processor, GillProcessor)
+    assert loaded_processor.img_token_ids == model.config.img_token_ids
+    loaded = AutoModel.from_pretrained(tmp_path / "gill")
+    inputs = loaded_processor(text="a red <image> circle", images=[torch.rand(3, 32, 32)])
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    # Building the composite config must not touch how the loaded LM attends.
+    assert model.language_model.config._attn_implementation == "sdpa"
