@@ -313,6 +313,16 @@ def test_bad_training_inputs_raise_clear_errors():
         model(**batch, concat_captions=1.5)
 
 
+def test_sequences_longer_than_the_context_are_rejected():
+    model = tiny_gill("opt")  # max_position_embeddings 128
+    with pytest.raises(ValueError, match="longer than the LM's context of 128"):
+        model(input_ids=torch.full((1, 129), 7), use_cache=True)
+    row = [BOS_ID] + [7] * 117 + IMG_TOKEN_IDS  # 126 tokens fit alone, not after a 4-vector prefix
+    with pytest.raises(ValueError, match="visual prefixes included"):
+        model(input_ids=torch.tensor([row]), pixel_values=torch.rand(1, 3, 32, 32))
+    model(input_ids=torch.tensor([row]))  # the text pass alone fits
+
+
 def test_config_rejects_inconsistent_fields():
     with pytest.raises(ValueError, match="img_token_ids"):
         gill_config("opt", img_token_ids=[1, 2, 3])
