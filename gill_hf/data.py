@@ -1,0 +1,305 @@
+"""GILL training data: a collator that builds the model's training inputs from raw examples, and
+dataset builders for the reference's CC3M layout and for any `datasets` image + caption dataset.
+
+Examples stay raw (a caption, an image as a path / bytes / PIL image, optionally the generation
+target or a path to it) until the collator: decoding happens there so that one unreadable image
+or target file costs one example, counted and logged, never a crashed run.
+
+Precomputation, each once per dataset and stored with it through `datasets.map` (arrow cache):
+- `precompute_gen_targets`: the SD text encoder's `last_hidden_state` of each caption (77 x dim);
+- `cache_image_features`: the frozen vision tower's pooled features, so that an epoch does not
+  recompute them (the model's `forward(image_features=...)` takes them instead of pixels).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+CLIP_EMBS_FOLDER = "clip_embs"  # the reference's precomputed targets: <image_dir>/clip_embs/<image>.npy
+
+
+def _open_image(value: Any) -> PIL.Image.Image:
+    """A path, `{"bytes", "path"}` dict (a `datasets.Image(decode=False)` cell), PIL image or HWC
+    uint8 array -> RGB PIL image. Any failure raises (the collator counts it)."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            value = io.BytesIO(value["bytes"])
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            raise ValueError("empty image cell")
+    if isinstance(value, (str, os.PathLike, io.BytesIO)):
+        with PIL.Image.open(value) as image:
+            image.load()  # decode now: truncated files fail here, not later
+            rgb = image.convert("RGB")
+    elif isinstance(value, PIL.Image.Image):
+        rgb = value.convert("RGB")
+    elif isinstance(value, np.ndarray):
+        rgb = PIL.Image.fromarray(value).convert("RGB")
+    else:
+        raise TypeError(f"unsupported image value of type {type(value).__name__}")
+    if rgb.width == 0 or rgb.height == 0:
+        raise ValueError("zero-size image")
+    return rgb
+
+
+def _load_target(value: Any, num_clip_tokens: int | None) -> torch.Tensor:
+    """An array-like target, or a path to a `.npy` file (read without pickles), -> float tensor,
+    cut to the first `num_clip_tokens` rows as the reference does."""
+    if isinstance(value, (str, os.PathLike)):
+        value = np.load(value, allow_pickle=False)
+    target = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    if target.ndim != 2:
+        raise ValueError(f"a generation target must be (tokens, dim), got shape {tuple(target.shape)}")
+    return target[:num_clip_tokens] if num_clip_tokens else target
+
+
+class GillDataCollator:
+    r"""
+    Builds `input_ids`, `attention_mask`, `pixel_values` (or `image_features`) and `gen_targets`
+    from raw examples with [`GillProcessor.build_training_inputs`] (the reference's truncation
+    rule: the `[IMG]` block always survives).
+
+    Each example is a dict with a caption (`caption_column`) and either cached vision features
+    (`features_column`) or an image (`image_column`: a path, a `datasets.Image(decode=False)`
+    cell, a PIL image or an HWC uint8 array); and, optionally, a generation target
+    (`target_column`: an array, or `target_path_column`: a `.npy` path). Examples whose image or
+    target cannot be read, or whose caption is empty, are skipped; `skipped` counts them by
+    reason and every skip is logged with the running count.
+
+    Args:
+        processor: a [`GillProcessor`].
+        max_length: training row length (reference: 32).
+        num_clip_tokens: rows of each target kept (reference: the model's `num_clip_tokens`).
+        require_targets: skip examples without a target; `None` (default): required when any
+            example of the batch has one (a batch is all-or-nothing for `gen_loss`).
+    """
+
+    def __init__(
+        self,
+        processor,
+        max_length: int = 32,
+        num_clip_tokens: int | None = None,
+        caption_column: str = "caption",
+        image_column: str = "image",
+        features_column: str = "image_features",
+        target_column: str = "gen_targets",
+        target_path_column: str = "gen_targets_path",
+        require_targets: bool | None = None,
+    ):
+        self.processor = processor
+        self.max_length = max_length
+        self.num_clip_tokens = num_clip_tokens
+        self.caption_column = caption_column
+        self.image_column = image_column
+        self.features_column = features_column
+        self.target_column = target_column
+        self.target_path_column = target_path_column
+        self.require_targets = require_targets
+        self.skipped: Counter[str] = Counter()
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def _skip(self, reason: str, example: dict, error: Exception | None = None) -> None:
+        self.skipped[reason] += 1
+        where = example.get(self.image_column) if isinstance(example.get(self.image_column), str) else ""
+        logger.warning(f"Skipping an example ({reason}{': ' + where if where else ''}{': ' + str(error) if error else ''}); "
+                       f"skipped so far: {dict(self.skipped)}.")
+
+    def _target_value(self, example: dict):
+        value = example.get(self.target_column)
+        return value if value is not None else example.get(self.target_path_column)
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        require = self.require_targets
+        if require is None:
+            require = any(self._target_value(e) is not None for e in examples)
+        captions, images, features, targets = [], [], [], []
+        for example in examples:
+            caption = example.get(self.caption_column)
+            if not isinstance(caption, str) or not caption.strip():
+                self._skip("bad_caption", example)
+                continue
+            target = None
+            if require:
+                value = self._target_value(example)
+                if value is None:
+                    self._skip("missing_target", example)
+                    continue
+                try:
+                    target = _load_target(value, self.num_clip_tokens)
+                except Exception as error:  # unreadable / truncated / pickled file: one example lost
+                    self._skip("bad_target", example, error)
+                    continue
+            cached = example.get(self.features_column)
+            if cached is not None:
+                feature, image = torch.as_tensor(np.asarray(cached, dtype=np.float32)), None
+            else:
+                try:
+                    feature, image = None, _open_image(example.get(self.image_column))
+                except Exception as error:
+                    self._skip("bad_image", example, error)
+                    continue
+            captions.append(caption)
+            images.append(image)
+            features.append(feature)
+            targets.append(target)
+        if not captions:
+            raise ValueError(f"Every example of this batch was skipped ({dict(self.skipped)} so far); check the data.")
+        if any(f is None for f in features) and any(f is not None for f in features):
+            raise ValueError(f"A batch mixes cached `{self.features_column}` with raw images; cache them for the whole dataset.")
+        cached = features[0] is not None
+        batch = self.processor.build_training_inputs(captions, None if cached else images, max_length=self.max_length)
+        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if cached:
+            out["image_features"] = torch.stack(features)
+        else:
+            out["pixel_values"] = batch["pixel_values"]
+        if require:
+            out["gen_targets"] = torch.stack(targets)
+        return out
+
+
+# ----- dataset builders ----------------------------------------------------------------------------
+
+
+def load_cc3m_dataset(tsv_path: str | os.PathLike, image_dir: str | os.PathLike, targets_dir: str | os.PathLike | None | bool = True):
+    r"""
+    The reference's CC3M layout as a `datasets.Dataset`: a TSV with a `caption\timage` header and
+    the images under `image_dir`. Columns: `caption`, `image` (full path) and, when targets are
+    used, `gen_targets_path`.
+
+    `targets_dir`: `True` (default) uses `<image_dir>/clip_embs/<image>.npy` (the reference's
+    precomputed targets) when that folder exists; a path uses that folder; `None`/`False` none.
+    Rows whose image file or (used) target file is missing are dropped here and counted in the log;
+    unreadable files are caught later by the collator.
+    """
+    import datasets
+
+    image_dir = os.fspath(image_dir)
+    if targets_dir is True:
+        candidate = os.path.join(image_dir, CLIP_EMBS_FOLDER)
+        targets_dir = candidate if os.path.isdir(candidate) else None
+    elif targets_dir is False:
+        targets_dir = None
+    rows: dict[str, list] = {"caption": [], "image": []}
+    if targets_dir is not None:
+        rows["gen_targets_path"] = []
+    missing = Counter()
+    with open(tsv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if reader.fieldnames is None or not {"caption", "image"} <= set(reader.fieldnames):
+            raise ValueError(f"{str(tsv_path)!r} must start with a `caption\\timage` header, got {reader.fieldnames}.")
+        for row in reader:
+            image = os.path.join(image_dir, row["image"])
+            if not os.path.isfile(image):
+                missing["missing_image"] += 1
+                continue
+            if targets_dir is not None:
+                target = os.path.join(os.fspath(targets_dir), f"{row['image']}.npy")
+                if not os.path.isfile(target):
+                    missing["missing_target"] += 1
+                    continue
+                rows["gen_targets_path"].append(target)
+            rows["caption"].append(row["caption"])
+            rows["image"].append(image)
+    if missing:
+        logger.warning(f"{str(tsv_path)!r}: dropped {dict(missing)} rows; kept {len(rows['caption'])}.")
+    if not rows["caption"]:
+        raise ValueError(f"{str(tsv_path)!r} has no usable rows (dropped {dict(missing)}).")
+    return datasets.Dataset.from_dict(rows)
+
+
+def prepare_hf_dataset(dataset, image_column: str = "image", caption_column: str = "caption"):
+    """Any `datasets` dataset (map-style or streaming) with image + caption columns -> the
+    collator's columns. Images are left undecoded (`Image(decode=False)`) so that a corrupt one is
+    skipped by the collator instead of failing inside the dataset."""
+    import datasets
+
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and (image_column not in columns or caption_column not in columns):
+        raise ValueError(f"The dataset needs columns {image_column!r} and {caption_column!r}; it has {columns}.")
+    features = getattr(dataset, "features", None)
+    if features is not None and isinstance(features.get(image_column), datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    renames = {k: v for k, v in ((image_column, "image"), (caption_column, "caption")) if k != v}
+    return dataset.rename_columns(renames) if renames else dataset
+
+
+@torch.no_grad()
+def encode_captions_for_sd(captions: list[str], text_encoder, tokenizer) -> torch.Tensor:
+    """SD's prompt encoding as the reference's preprocessing: pad/truncate to the tokenizer's
+    `model_max_length` (77), no attention mask, `last_hidden_state`."""
+    tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    return text_encoder(tokens.input_ids.to(device)).last_hidden_state
+
+
+def precompute_gen_targets(dataset, text_encoder, tokenizer, batch_size: int = 128, caption_column: str = "caption",
+                           target_column: str = "gen_targets", dtype=np.float16, **map_kwargs):
+    """Adds `target_column` (SD text-encoder `last_hidden_state`, 77 x dim, float16 as the
+    reference's files) with one batched `datasets.map`; the result is cached with the dataset."""
+    text_encoder.eval()
+
+    def encode(batch):
+        embeds = encode_captions_for_sd(list(batch[caption_column]), text_encoder, tokenizer)
+        return {target_column: embeds.float().cpu().numpy().astype(dtype)}
+
+    return dataset.map(encode, batched=True, batch_size=batch_size, **map_kwargs)
+
+
+def cache_image_features(dataset, model, processor, batch_size: int = 64, image_column: str = "image",
+                         features_column: str = "image_features", **map_kwargs):
+    """Adds the frozen vision tower's pooled features (`model.get_image_features`) per example and
+    drops the image column. Unreadable images are counted, logged and dropped."""
+    device = next(model.vision_model.parameters()).device
+    bad = Counter()
+
+    @torch.no_grad()
+    def encode(batch):
+        images, ok = [], []
+        for value in batch[image_column]:
+            try:
+                images.append(_open_image(value))
+                ok.append(True)
+            except Exception:
+                ok.append(False)
+        out = [None] * len(ok)
+        if images:
+            pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+            feats = iter(model.get_image_features(pixels).float().cpu().numpy())
+            out = [next(feats) if good else None for good in ok]
+        bad["bad_image"] += ok.count(False)
+        return {features_column: out}
+
+    removed = [image_column] if image_column in (getattr(dataset, "column_names", None) or []) else None
+    dataset = dataset.map(encode, batched=True, batch_size=batch_size, remove_columns=removed, **map_kwargs)
+    dataset = dataset.filter(lambda example: example[features_column] is not None)
+    if bad:
+        logger.warning(f"cache_image_features: dropped {dict(bad)} examples with unreadable images.")
+    return dataset
+
+
+__all__ = [
+    "CLIP_EMBS_FOLDER",
+    "GillDataCollator",
+    "cache_image_features",
+    "encode_captions_for_sd",
+    "load_cc3m_dataset",
+    "precompute_gen_targets",
+    "prepare_hf_dataset",
+]
