@@ -1,12 +1,10 @@
 """Converting original GILL checkpoints: key mapping, both decision heads, safe unpickling, clear
 errors, and a release-shaped folder."""
 
-import io
 import json
 import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +20,7 @@ from gill_hf.convert_original import (
     read_model_args,
 )
 
-sys.path.insert(0, str(Path(__file__).parent / "parity"))
-import recipe  # noqa: E402  (the parity fixture's recipe: seeded tensors in the reference layout)
-
-
-@pytest.fixture(scope="session")
-def fixture_paths(tmp_path_factory):
-    """The parity fixture (4096-wide 2-layer OPT, tiny CLIP, original-format GILL folder), built once."""
-    return recipe.build_fixture(str(tmp_path_factory.mktemp("gill_fixture")), n_layers=2, seed=0, with_sd=True)
-
-
-@pytest.fixture(scope="session")
-def converted(fixture_paths, tmp_path_factory):
-    out = tmp_path_factory.mktemp("converted") / "gill"
-    convert_original(fixture_paths["gill_ckpt"], out, text_model=fixture_paths["opt"], vision_model=fixture_paths["clip"])
-    return out
+from conftest import recipe
 
 
 def test_conversion_maps_every_tensor(fixture_paths, converted):
