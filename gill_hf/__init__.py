@@ -6,6 +6,7 @@ with the transformers Auto classes, and installs the backbone resolver.
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
+from . import embedded  # registers the backbones shipped inside installed packages
 from .backbones import register_embedded_backbone, resolve_backbone
 from .modeling import GillConfig, GillForConditionalGeneration, GillOutput, add_gill_tokens
 from .processing_gill import GillProcessor
