@@ -614,7 +614,15 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_features"] = image_features
+        elif self._holds_image_token(model_inputs.get("input_ids")):
+            # A generated `<|image|>` (a candidate under the reference's vocabulary when it has an LM
+            # row) is a token with its own embedding row here, not a placeholder for an image.
+            model_inputs["inputs_embeds"] = self.embed_tokens(model_inputs.pop("input_ids"))
         return model_inputs
+
+    def _holds_image_token(self, input_ids: torch.LongTensor | None) -> bool:
+        image_token_id = self.config.image_token_id
+        return input_ids is not None and image_token_id is not None and bool((input_ids == image_token_id).any())
 
     # ----- construction, checkpoints ---------------------------------------------------------
 

@@ -1,0 +1,605 @@
+"""GillPipeline: interleaved images and text in; text, generated and retrieved images out.
+
+The GILL model decodes an answer (KV-cached, GILL's rules in `decoding_gill`); each `[IMG]` block
+gives a retrieval embedding, a retrieve-or-generate decision and, through the mapper, Stable
+Diffusion `prompt_embeds` that the UNet/VAE turn into images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ModelMixin, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.configuration_utils import register_to_config
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from gill_hf.modeling import GillForConditionalGeneration
+from gill_hf.processing_gill import GillProcessor
+from gill_hf.retrieval import GillRetrievalIndex
+
+from .decoding_gill import DECODING_MODES, DecodedRow, GillDecodingOptions, GillTokenIds, gill_decode
+
+IMAGE_SOURCES = ("auto", "generated", "retrieved")
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class GillPipelineOutput(BaseOutput):
+    r"""
+    Output of [`GillPipeline`]; every field holds one entry per prompt.
+
+    Args:
+        text: the answer, with `<image>` where each `[IMG]` block stood.
+        images: per block (x `num_images_per_prompt`), in `output_type` form.
+        image_sources: `"generated"` / `"retrieved"` per image.
+        token_ids: generated ids only (prompt excluded).
+        prompt_embeds: `(n_blocks, num_clip_tokens, gen_emb_dim)`, for every block.
+        retrieval_scores / retrieval_indices: `(n_blocks, k)` cosine similarities (unscaled) and index
+            positions; None without a retrieval index.
+        generated_scores: `(n_blocks, num_images_per_prompt)` cosine of each generated image's retrieval
+            embedding to its block's (NaN for blocks that retrieved); None without an image head.
+        decision_probs: `(n_blocks, 2)`, column 0 = generate, 1 = retrieve; None when no decision was made.
+    """
+
+    text: list[str]
+    images: list[list[Any]]
+    image_sources: list[list[str]]
+    token_ids: list[list[int]]
+    prompt_embeds: list[torch.Tensor]
+    retrieval_scores: list[torch.Tensor] | None
+    retrieval_indices: list[torch.Tensor] | None
+    generated_scores: list[torch.Tensor] | None
+    decision_probs: list[torch.Tensor] | None
+
+
+class GillUnconditionalEmbedding(ModelMixin, ConfigMixin):
+    """The image decoder's unconditional conditioning (Stable Diffusion's encoding of `""`), stored
+    so that a pipeline needs no SD text encoder at inference."""
+
+    @register_to_config
+    def __init__(self, num_tokens: int = 77, embedding_dim: int = 768):
+        super().__init__()
+        self.embeds = torch.nn.Parameter(torch.zeros(1, num_tokens, embedding_dim), requires_grad=False)
+
+
+@dataclass
+class _Block:
+    prompt: int
+    hidden: torch.Tensor  # (num_img_tokens, hidden)
+    prompt_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    source: str = "generated"
+    scores: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    decision: torch.Tensor | None = None
+    images: list = None
+    generated_scores: torch.Tensor | None = None
+
+
+class GillPipeline(DiffusionPipeline):
+    r"""
+    GILL (Koh et al., 2023) as a diffusers pipeline.
+
+    Args:
+        gill_model ([`GillForConditionalGeneration`]): the multimodal LM with GILL's heads.
+        processor ([`GillProcessor`]): tokenizer + CLIP image processor of `gill_model`.
+        vae ([`AutoencoderKL`]), unet ([`UNet2DConditionModel`]), scheduler: the Stable Diffusion
+            image decoder; the UNet's `cross_attention_dim` must equal `gen_emb_dim`.
+        text_encoder, tokenizer (*optional*): SD's text encoder, used for `negative_prompt` and to
+            compute the unconditional embedding when none is stored.
+        safety_checker, feature_extractor (*optional*): as in `StableDiffusionPipeline`.
+        retrieval_index ([`GillRetrievalIndex`], *optional*): images to retrieve from.
+        unconditional_embedding ([`GillUnconditionalEmbedding`], *optional*): stored SD encoding of `""`.
+    """
+
+    model_cpu_offload_seq = "gill_model->text_encoder->unet->vae"
+    _optional_components = ["text_encoder", "tokenizer", "safety_checker", "feature_extractor", "retrieval_index", "unconditional_embedding"]
+    _exclude_from_cpu_offload = ["safety_checker"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        gill_model: GillForConditionalGeneration,
+        processor: GillProcessor,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        retrieval_index: GillRetrievalIndex | None = None,
+        unconditional_embedding: GillUnconditionalEmbedding | None = None,
+    ):
+        super().__init__()
+        cross = unet.config.cross_attention_dim
+        if cross != gill_model.config.gen_emb_dim:
+            raise ValueError(f"The UNet's cross_attention_dim ({cross}) differs from the GILL model's gen_emb_dim ({gill_model.config.gen_emb_dim}).")
+        if retrieval_index is not None and retrieval_index.config.embedding_dim != gill_model.config.ret_emb_dim:
+            raise ValueError(
+                f"The retrieval index holds {retrieval_index.config.embedding_dim}-d embeddings, the GILL model's ret_emb_dim is {gill_model.config.ret_emb_dim}."
+            )
+        self.register_modules(
+            gill_model=gill_model, processor=processor, vae=vae, unet=unet, scheduler=scheduler,
+            text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=safety_checker,
+            feature_extractor=feature_extractor, retrieval_index=retrieval_index,
+            unconditional_embedding=unconditional_embedding,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ----- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> GillPipeline:
+        """Loads a saved pipeline; a repo id is first fetched with `snapshot_download` (diffusers
+        cannot resolve GILL's component modules from a repo id), which also works offline from a
+        seeded cache."""
+        if not os.path.isdir(pretrained_model_name_or_path):
+            from huggingface_hub import snapshot_download
+
+            hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+            pretrained_model_name_or_path = snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                _own_unaligned_memory(component)
+        return pipe
+
+    @classmethod
+    def from_sd_and_gill(
+        cls,
+        stable_diffusion,
+        gill_model: GillForConditionalGeneration,
+        processor: GillProcessor,
+        retrieval_index: GillRetrievalIndex | None = None,
+        keep_text_encoder: bool = False,
+        **sd_kwargs,
+    ) -> GillPipeline:
+        r"""
+        Assembles a pipeline from a plain Stable Diffusion checkpoint (a folder, a repo id or a loaded
+        `StableDiffusionPipeline`) and a GILL model. SD's encoding of `""` is computed once and stored;
+        the SD text encoder is dropped unless `keep_text_encoder` (needed for `negative_prompt`).
+        """
+        if isinstance(stable_diffusion, (str, os.PathLike)):
+            from diffusers import StableDiffusionPipeline
+
+            stable_diffusion = StableDiffusionPipeline.from_pretrained(stable_diffusion, **sd_kwargs)
+        sd = stable_diffusion.components
+        if sd.get("text_encoder") is None or sd.get("tokenizer") is None:
+            raise ValueError("The Stable Diffusion pipeline needs its text_encoder and tokenizer to encode the unconditional prompt.")
+        uncond = _encode_text(sd["text_encoder"], sd["tokenizer"], [""])
+        stored = GillUnconditionalEmbedding(num_tokens=uncond.shape[1], embedding_dim=uncond.shape[2])
+        stored.embeds.data.copy_(uncond.float())
+        return cls(
+            gill_model=gill_model, processor=processor, vae=sd["vae"], unet=sd["unet"], scheduler=sd["scheduler"],
+            text_encoder=sd["text_encoder"] if keep_text_encoder else None,
+            tokenizer=sd["tokenizer"] if keep_text_encoder else None,
+            safety_checker=sd.get("safety_checker"), feature_extractor=sd.get("feature_extractor"),
+            retrieval_index=retrieval_index, unconditional_embedding=stored,
+        )
+
+    def push_to_hub(self, repo_id: str, *, api=None, **kwargs) -> str:
+        """Saves the pipeline, renders its model card from `model_card.md` and uploads both once
+        (see `gill_hf.hub.push_to_hub`)."""
+        from gill_hf.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, api=api, **kwargs)
+
+    # ----- properties used by callbacks (as in StableDiffusionPipeline) -------------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # ----- steps -----------------------------------------------------------------------------------
+
+    def check_inputs(
+        self, max_new_tokens, num_inference_steps, height, width, num_images_per_prompt, decoding, image_source,
+        do_sample, temperature, top_p, min_word_tokens, force_image, max_images, num_retrieved, output_type,
+        negative_prompt, negative_prompt_embeds, callback_on_step_end_tensor_inputs,
+    ) -> None:
+        for name, value, minimum in (
+            ("max_new_tokens", max_new_tokens, 1), ("num_inference_steps", num_inference_steps, 1),
+            ("num_images_per_prompt", num_images_per_prompt, 1), ("min_word_tokens", min_word_tokens, 0),
+            ("num_retrieved", num_retrieved, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+        if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+            raise ValueError(f"`max_images` must be None or an int >= 1, got {max_images!r}.")
+        if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
+            raise ValueError(f"`height` and `width` must be positive multiples of {self.vae_scale_factor}, got {height} and {width}.")
+        if decoding not in DECODING_MODES:
+            raise ValueError(f"`decoding` must be one of {DECODING_MODES}, got {decoding!r}.")
+        if image_source not in IMAGE_SOURCES:
+            raise ValueError(f"`image_source` must be one of {IMAGE_SOURCES}, got {image_source!r}.")
+        if image_source == "retrieved" and self.retrieval_index is None:
+            raise ValueError("`image_source='retrieved'` needs a `retrieval_index`; this pipeline has none.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if do_sample and not (decoding == "reference" and temperature == 0) and not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature!r}.")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"`top_p` must lie in (0, 1], got {top_p!r}.")
+        if force_image:
+            # The block must fit once min_word_tokens have passed (in reference mode it counts once).
+            needed = min_word_tokens + (1 if decoding == "reference" else self.gill_model.config.num_img_tokens)
+            if max_new_tokens < needed:
+                raise ValueError(
+                    f"`force_image=True` needs `max_new_tokens` >= {needed} (`min_word_tokens` + a whole [IMG] block), got {max_new_tokens}."
+                )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if negative_prompt is not None and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError("`negative_prompt` needs the SD `text_encoder` and `tokenizer`; pass `negative_prompt_embeds` instead.")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"`negative_prompt` must be a str, got {type(negative_prompt).__name__}.")
+        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has {bad}; allowed: {self._callback_tensor_inputs}.")
+
+    def _token_ids(self) -> GillTokenIds:
+        tokenizer = self.processor.tokenizer
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        config = self.gill_model.config
+        return GillTokenIds(
+            img_token_ids=list(config.img_token_ids),
+            image_token_id=config.image_token_id,
+            vocab_size=config.vocab_size or len(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            newline_token_id=newline[0] if newline else None,
+        )
+
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompt, prompt_images, options: GillDecodingOptions, generators: list, device: torch.device, truncation: bool = False
+    ) -> tuple[list[DecodedRow], list[_Block], list]:
+        """Tokenizes the prompts, decodes the answers and maps every `[IMG]` block to SD
+        `prompt_embeds` and a retrieval embedding. Returns the rows, the blocks and one generator
+        per prompt."""
+        n_img = self.gill_model.config.num_img_tokens
+        room = options.max_new_tokens + (n_img if options.reference else 1)
+        context = getattr(self.gill_model.config.text_config, "max_position_embeddings", None)
+        max_length = None if context is None else context - room
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"`max_new_tokens`={options.max_new_tokens} leaves no room for a prompt in the LM's context of {context} tokens.")
+        inputs = self.processor(text=prompt, images=prompt_images, padding_side="left", max_length=max_length, truncation=truncation)
+        batch = inputs["input_ids"].shape[0]
+        if len(generators) == 1 and batch > 1:
+            generators = generators * batch
+        elif len(generators) != batch:
+            raise ValueError(f"`generator` is a list of {len(generators)} generators for {batch} prompts; pass one per prompt.")
+        pixel_values = inputs.get("pixel_values")
+        rows = gill_decode(
+            self.gill_model, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
+            None if pixel_values is None else pixel_values.to(device), options, self._token_ids(), generators,
+        )
+        hidden = [row.img_hidden_states for row in rows]
+        owners = [i for i, h in enumerate(hidden) for _ in range(h.shape[0])]
+        blocks = []
+        if owners:
+            states = torch.cat(hidden)
+            prompt_embeds = self.gill_model.get_prompt_embeds(states)
+            text_embeds = self.gill_model.get_text_retrieval_embeds(states)
+            blocks = [_Block(p, states[j], prompt_embeds[j], text_embeds[j]) for j, p in enumerate(owners)]
+        return rows, blocks, generators
+
+    def encode_negative_prompt(self, negative_prompt, negative_prompt_embeds, device, dtype) -> torch.Tensor:
+        """The unconditional conditioning `(1 or n, num_clip_tokens, gen_emb_dim)`: given embeddings,
+        SD's encoding of `negative_prompt`, the stored encoding of `""`, or SD's encoding of `""`."""
+        config = self.gill_model.config
+        if negative_prompt_embeds is not None:
+            embeds = negative_prompt_embeds
+        elif negative_prompt is not None:
+            embeds = _encode_text(self.text_encoder, self.tokenizer, [negative_prompt])
+        elif self.unconditional_embedding is not None:
+            embeds = self.unconditional_embedding.embeds
+        elif self.text_encoder is not None and self.tokenizer is not None:
+            embeds = _encode_text(self.text_encoder, self.tokenizer, [""])
+        else:
+            raise ValueError("No unconditional embedding: the pipeline has neither a stored `unconditional_embedding` nor an SD text encoder; pass `negative_prompt_embeds`.")
+        if embeds.ndim != 3 or embeds.shape[1:] != (config.num_clip_tokens, config.gen_emb_dim):
+            raise ValueError(f"`negative_prompt_embeds` must be (n, {config.num_clip_tokens}, {config.gen_emb_dim}), got {tuple(embeds.shape)}.")
+        return embeds.to(device=device, dtype=dtype)
+
+    def prepare_latents(self, blocks: list[_Block], generators, num_images_per_prompt, height, width, dtype, device, latents=None) -> torch.Tensor:
+        """Initial noise for every generated image: each block's images draw from their prompt's
+        generator, blocks in order (a single shared generator then serves the batch in order)."""
+        shape = (num_images_per_prompt, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            noise = [randn_tensor(shape, generator=generators[b.prompt], device=device, dtype=dtype) for b in blocks]
+            latents = torch.cat(noise)
+        else:
+            total = len(blocks) * num_images_per_prompt
+            if latents.shape[1:] != shape[1:] or latents.shape[0] not in (num_images_per_prompt, total):
+                raise ValueError(f"`latents` must be ({num_images_per_prompt} or {total}, {', '.join(map(str, shape[1:]))}), got {tuple(latents.shape)}.")
+            latents = latents.to(device=device, dtype=dtype)
+            if latents.shape[0] != total:  # one set per block
+                latents = latents.repeat(len(blocks), 1, 1, 1)
+        return latents * self.scheduler.init_noise_sigma
+
+    def run_safety_checker(self, image: torch.Tensor, device, dtype) -> torch.Tensor:
+        if self.safety_checker is None:
+            return image
+        pil = self.image_processor.postprocess(image, output_type="pil")
+        inputs = self.feature_extractor(pil, return_tensors="pt").to(device)
+        image, _ = self.safety_checker(images=image, clip_input=inputs.pixel_values.to(dtype))
+        return image
+
+    def _retrieve_and_decide(self, blocks: list[_Block], image_source: str, num_retrieved: int) -> bool:
+        """Scores every block against the index (never repeating an image within an answer) and
+        chooses each block's source. Returns whether a decision was made."""
+        index, model = self.retrieval_index, self.gill_model
+        seen: dict[int, set[int]] = {}
+        for block in blocks:
+            if index is not None:
+                banned = seen.setdefault(block.prompt, set())
+                block.scores, block.indices = index.search(block.text_embeds, k=num_retrieved, exclude=sorted(banned))
+                banned.update(int(i) for i in block.indices if i >= 0)
+            block.source = "retrieved" if image_source == "retrieved" else "generated"
+        decide = image_source == "auto" and index is not None and model.decision_head is not None
+        if decide and blocks:
+            img0 = torch.stack([b.hidden[0] for b in blocks])
+            best = None
+            if model.config.decision_head_type == "hidden_and_score":
+                # The head was trained on the reference's scores: cosine times exp(logit_scale).
+                best = torch.stack([b.scores[0] for b in blocks]).to(img0.device) * model.logit_scale.exp()
+            probs = model.get_decision_probs(img0, best)
+            for block, p in zip(blocks, probs):
+                block.decision = p
+                block.source = "retrieved" if p[1] > p[0] else "generated"
+        return decide
+
+    def _rescore(self, blocks: list[_Block], images: torch.Tensor, num_images_per_prompt: int) -> None:
+        """Orders each generated block's images by the cosine of their retrieval embedding to the
+        block's (as the reference does)."""
+        pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(images))  # images are in [0, 1]
+        pixels = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        image_embeds = self.gill_model.get_image_retrieval_embeds(pixel_values=pixels.to(self.gill_model.device))
+        for j, block in enumerate(blocks):
+            part = slice(j * num_images_per_prompt, (j + 1) * num_images_per_prompt)
+            scores = image_embeds[part].float() @ block.text_embeds.float().to(image_embeds.device)
+            order = torch.argsort(scores, descending=True, stable=True)
+            block.generated_scores = scores[order].cpu()
+            block.images = [images[part][i] for i in order.tolist()]
+
+    # ----- call ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list | None = None,
+        prompt_images: list | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        min_word_tokens: int = 0,
+        ret_scale_factor: float = 1.0,
+        gen_scale_factor: float = 1.0,
+        decoding: str = "default",
+        force_image: bool = False,
+        max_images: int | None = None,
+        num_retrieved: int = 3,
+        image_source: str = "auto",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        truncation: bool = False,
+    ) -> GillPipelineOutput | tuple:
+        r"""
+        Answers interleaved image-and-text prompts with text and images (DESIGN.md section 2).
+
+        Args:
+            prompt: a `str` (its `<image>` placeholders bind to `prompt_images`), a list mixing `str`
+                and images (one interleaved prompt), a list of `str` (a batch; `prompt_images` then a
+                list of lists) or a list of lists (a batch of interleaved prompts).
+            prompt_images: the placeholders' images.
+            max_new_tokens: token budget (default mode; an `[IMG]` block counts 8 and is never cut) or
+                step budget (`decoding="reference"`; a block counts once).
+            do_sample, temperature, top_p: sampling (greedy by default; in reference mode a
+                temperature of 0 is greedy too).
+            min_word_tokens, ret_scale_factor, gen_scale_factor: the reference's `[IMG0]` controls.
+            decoding: `"default"` (KV-cached, EOS stop) or `"reference"` (the reference's rules).
+            force_image: every answer gets at least one block.
+            max_images: blocks per answer (None: no cap; 1 in reference mode).
+            num_retrieved: retrieval candidates scored per block.
+            image_source: `"auto"` (the decision head chooses), `"generated"` or `"retrieved"`.
+            height, width, num_inference_steps, guidance_scale, negative_prompt, negative_prompt_embeds,
+            num_images_per_prompt, latents, output_type, return_dict, callback_on_step_end,
+            callback_on_step_end_tensor_inputs: as in `StableDiffusionPipeline` (images per block).
+            generator: one generator or one per prompt; drives token sampling, then each block's latents.
+            truncation: keep the last tokens of a prompt too long for the LM's context (with a warning)
+                instead of raising.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_inputs(
+            max_new_tokens, num_inference_steps, height, width, num_images_per_prompt, decoding, image_source,
+            do_sample, temperature, top_p, min_word_tokens, force_image, max_images, num_retrieved, output_type,
+            negative_prompt, negative_prompt_embeds, callback_on_step_end_tensor_inputs,
+        )
+        if prompt is None:
+            raise ValueError("`prompt` is required.")
+        self._guidance_scale, self._interrupt, self._num_timesteps = guidance_scale, False, 0
+        device = self._execution_device
+        options = GillDecodingOptions(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            min_word_tokens=min_word_tokens, ret_scale_factor=ret_scale_factor, gen_scale_factor=gen_scale_factor,
+            force_image=force_image, max_images=max_images if max_images is not None or decoding != "reference" else 1,
+            decoding=decoding,
+        )
+        generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+
+        # 1. Decode the answers; map each [IMG] block to prompt_embeds and a retrieval embedding.
+        rows, blocks, generators = self.encode_prompt(prompt, prompt_images, options, generators, device, truncation)
+        # 2. Retrieval and the retrieve-or-generate decision, per block.
+        decided = self._retrieve_and_decide(blocks, image_source, num_retrieved)
+        # 3. Stable Diffusion for the blocks that generate.
+        generate = [b for b in blocks if b.source == "generated"]
+        if generate:
+            images = self._generate_images(
+                generate, generators, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
+                negative_prompt, negative_prompt_embeds, latents, callback_on_step_end, callback_on_step_end_tensor_inputs, device,
+            )
+            self._rescore(generate, images, num_images_per_prompt)
+        for block in blocks:
+            if block.source == "retrieved":
+                chosen = [int(i) for i in block.indices[:num_images_per_prompt] if i >= 0]
+                block.images = [self.retrieval_index.get_image(i) for i in chosen]
+        self.maybe_free_model_hooks()
+
+        # 4. Assemble, one entry per prompt.
+        output = self._assemble(rows, blocks, num_images_per_prompt, output_type, decided)
+        return output if return_dict else output.to_tuple()
+
+    def _generate_images(
+        self, blocks, generators, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
+        negative_prompt, negative_prompt_embeds, latents, callback_on_step_end, callback_tensor_inputs, device,
+    ) -> torch.Tensor:
+        dtype = self.unet.dtype
+        prompt_embeds = torch.stack([b.prompt_embeds for b in blocks]).to(device=device, dtype=dtype)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        negative_prompt_embeds = self.encode_negative_prompt(negative_prompt, negative_prompt_embeds, device, dtype)
+        negative_prompt_embeds = negative_prompt_embeds.expand(prompt_embeds.shape[0], -1, -1)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(blocks, generators, num_images_per_prompt, height, width, prompt_embeds.dtype, device, latents)
+        # The scheduler's step noise (DDPM, ancestral samplers) follows the first block's generator.
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generators[blocks[0].prompt], 0.0)
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                cfg = self.do_classifier_free_guidance
+                model_input = torch.cat([latents] * 2) if cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                context = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+                if cfg:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+                    callback_kwargs = {k: tensors[k] for k in callback_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = self.run_safety_checker(image, device, prompt_embeds.dtype)
+        return self.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * image.shape[0])
+
+    def prepare_extra_step_kwargs(self, generator, eta) -> dict:
+        import inspect
+
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+
+    def _assemble(self, rows, blocks, num_images_per_prompt, output_type, decided) -> GillPipelineOutput:
+        n_prompts = len(rows)
+        per_prompt = [[b for b in blocks if b.prompt == p] for p in range(n_prompts)]
+        config = self.gill_model.config
+        has_index = self.retrieval_index is not None
+
+        def stack(values, shape, fill):
+            return torch.stack(values).cpu() if values else torch.full(shape, fill)
+
+        out = GillPipelineOutput(
+            text=[self.processor.decode(row.token_ids) for row in rows],
+            images=[[_convert(img, output_type) for b in bs for img in b.images] for bs in per_prompt],
+            image_sources=[[b.source for b in bs for _ in b.images] for bs in per_prompt],
+            token_ids=[list(row.token_ids) for row in rows],
+            prompt_embeds=[stack([b.prompt_embeds for b in bs], (0, config.num_clip_tokens, config.gen_emb_dim), 0.0) for bs in per_prompt],
+            retrieval_scores=None, retrieval_indices=None, generated_scores=None, decision_probs=None,
+        )
+        if has_index:
+            k = blocks[0].scores.shape[-1] if blocks else 0
+            out.retrieval_scores = [stack([b.scores for b in bs], (0, k), 0.0) for bs in per_prompt]
+            out.retrieval_indices = [stack([b.indices for b in bs], (0, k), 0).long() for bs in per_prompt]
+        nan_row = torch.full((num_images_per_prompt,), float("nan"))
+        out.generated_scores = [
+            stack([b.generated_scores if b.generated_scores is not None else nan_row for b in bs], (0, num_images_per_prompt), 0.0)
+            for bs in per_prompt
+        ]
+        if decided:
+            out.decision_probs = [stack([b.decision for b in bs], (0, 2), 0.0).float() for bs in per_prompt]
+        return out
+
+
+@torch.no_grad()
+def _own_unaligned_memory(module: torch.nn.Module, alignment: int = 64) -> None:
+    """Copies tensors that loading left at unaligned addresses (memory-mapped safetensors): CPU
+    kernels pick other code paths for them and results change in the last bits, so a reloaded
+    pipeline would not reproduce its images exactly. Aligned tensors keep their storage."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+            tensor.data = tensor.data.clone()
+
+
+def _encode_text(text_encoder, tokenizer, texts: list[str]) -> torch.Tensor:
+    """SD's text conditioning of `texts` (padded to the tokenizer's max length, as SD does)."""
+    inputs = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    mask = inputs.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        return text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
+
+
+def _convert(image, output_type: str):
+    """One image (a CHW float tensor in [0, 1] or a PIL image) in `output_type` form."""
+    if isinstance(image, PIL.Image.Image):
+        if output_type == "pil":
+            return image
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        return array if output_type == "np" else torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    image = image.detach().float().cpu()
+    if output_type == "pt":
+        return image
+    array = image.permute(1, 2, 0).numpy()
+    if output_type == "np":
+        return array
+    return PIL.Image.fromarray((array * 255).round().astype(np.uint8))
+
+
+__all__ = ["GillPipeline", "GillPipelineOutput", "GillUnconditionalEmbedding"]
