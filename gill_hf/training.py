@@ -113,6 +113,8 @@ def save_trainable_weights(model: torch.nn.Module, folder: str | os.PathLike) ->
     if backbone:
         os.makedirs(os.path.join(folder, LORA_FOLDER), exist_ok=True)
         save_file(backbone, os.path.join(folder, LORA_FOLDER, "backbone_trainable.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "lora_config", None) is not None:
+            model.lora_config.save_pretrained(os.path.join(folder, LORA_FOLDER))
 
 
 def load_trainable_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
@@ -129,6 +131,33 @@ def load_trainable_weights(model: torch.nn.Module, folder: str | os.PathLike) ->
         raise ValueError(f"{path!r} does not match the model's trainable backbone tensors: "
                          f"missing {sorted(set(expected) - set(state))}, unexpected {sorted(set(state) - set(expected))}.")
     model.load_state_dict(state, strict=False)
+
+
+def apply_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+               target_modules: list[str] | str | None = None):
+    """Injects LoRA adapters into the (frozen) LM in place with peft, keeping module names (so the
+    adapter checkpoint form still matches); only the LoRA tensors become trainable. Returns the
+    `LoraConfig`. The LM stays in eval mode under `model.train()`, so LoRA dropout is inactive."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or ["q_proj", "v_proj"])
+    inject_adapter_in_model(config, model.language_model)
+    model.lora_config = config
+    return config
+
+
+def load_lora(model: torch.nn.Module, folder: str | os.PathLike) -> bool:
+    """If `folder` holds a `lora/` adapter written by `GillTrainer`, injects the same LoRA layers
+    into `model`'s LM and loads every trainable tensor of the checkpoint. Returns whether it did."""
+    from peft import LoraConfig
+
+    lora_dir = os.path.join(folder, LORA_FOLDER)
+    if not os.path.isfile(os.path.join(lora_dir, "adapter_config.json")):
+        return False
+    config = LoraConfig.from_pretrained(lora_dir)
+    apply_lora(model, config.r, config.lora_alpha, config.lora_dropout, sorted(config.target_modules))
+    load_trainable_weights(model, folder)
+    return True
 
 
 def reference_lr_lambda(warmup_steps: int, step_size: int, gamma: float):
@@ -292,14 +321,167 @@ def compute_gill_metrics(eval_prediction) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
+
+
+# ----- the `gill-hf train` recipe ---------------------------------------------------------------------
+
+
+@dataclass
+class GillModelArguments:
+    """What to train: an existing GILL checkpoint, or fresh GILL heads on two pretrained backbones."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A GILL checkpoint (full or adapter form)."})
+    text_model: str | None = field(default=None, metadata={"help": "Causal LM (hub id or path) for fresh GILL heads."})
+    vision_model: str | None = field(default=None, metadata={"help": "CLIP-like vision model for fresh GILL heads."})
+    processor_name_or_path: str | None = field(default=None, metadata={"help": "GillProcessor folder (default: the checkpoint)."})
+    gen_emb_dim: int = field(default=768, metadata={"help": "Fresh heads: width of the image decoder's text space."})
+    ret_emb_dim: int = field(default=256, metadata={"help": "Fresh heads: retrieval embedding width."})
+    num_clip_tokens: int = field(default=77, metadata={"help": "Fresh heads: length of the decoder's text conditioning."})
+    backbone_dtype: str = field(default="float32", metadata={"help": "dtype of the frozen backbones (float32, bfloat16)."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0: no LoRA, the reference)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated LM module names for LoRA."})
+
+
+@dataclass
+class GillDataArguments:
+    """Where the image-caption pairs come from: the reference's CC3M layout or a `datasets` dataset."""
+
+    train_tsv: str | None = field(default=None, metadata={"help": "CC3M layout: TSV with a `caption\\timage` header."})
+    image_dir: str | None = field(default=None, metadata={"help": "CC3M layout: folder of the TSV's images (and clip_embs/)."})
+    eval_tsv: str | None = field(default=None, metadata={"help": "CC3M layout: validation TSV."})
+    eval_image_dir: str | None = field(default=None, metadata={"help": "Validation images (default: image_dir)."})
+    targets_dir: str | None = field(default=None, metadata={"help": "Folder of <image>.npy targets (default: <image_dir>/clip_embs if present)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` dataset (name or path) with image + caption columns."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str | None = field(default=None, metadata={"help": "Validation split."})
+    image_column: str = field(default="image", metadata={"help": "Image column."})
+    caption_column: str = field(default="caption", metadata={"help": "Caption column."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
+    max_length: int = field(default=32, metadata={"help": "Training row length, [IMG] block included (reference: 32)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
+    sd_model: str | None = field(default=None, metadata={"help": "SD folder/hub id whose text_encoder/tokenizer make missing targets."})
+    target_batch_size: int = field(default=128, metadata={"help": "Batch size of the target precompute."})
+    cache_image_features: bool = field(default=False, metadata={"help": "Precompute the frozen vision features once (map-style data)."})
+
+
+def _load_model_and_processor(model_args: GillModelArguments):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from .modeling import GillForConditionalGeneration
+    from .processing_gill import GillProcessor
+
+    dtype = getattr(torch, model_args.backbone_dtype)
+    if model_args.model_name_or_path:
+        model = GillForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+        processor = GillProcessor.from_pretrained(model_args.processor_name_or_path or model_args.model_name_or_path)
+    elif model_args.text_model and model_args.vision_model:
+        if model_args.processor_name_or_path:
+            processor = GillProcessor.from_pretrained(model_args.processor_name_or_path)
+        else:
+            processor = GillProcessor(image_processor=AutoImageProcessor.from_pretrained(model_args.vision_model),
+                                      tokenizer=AutoTokenizer.from_pretrained(model_args.text_model))
+        model = GillForConditionalGeneration.from_pretrained_backbones(
+            model_args.text_model, model_args.vision_model, tokenizer=processor.tokenizer, dtype=dtype,
+            gen_emb_dim=model_args.gen_emb_dim, ret_emb_dim=model_args.ret_emb_dim, num_clip_tokens=model_args.num_clip_tokens,
+        )
+    else:
+        raise ValueError("Pass `--model_name_or_path`, or both `--text_model` and `--vision_model`.")
+    model.train()
+    if model_args.lora_r > 0:
+        apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                   [m.strip() for m in model_args.lora_target_modules.split(",") if m.strip()])
+    return model, processor
+
+
+def _load_split(data_args: GillDataArguments, tsv: str | None, image_dir: str | None, split: str | None, limit: int | None):
+    from . import data
+
+    if tsv:
+        if not image_dir:
+            raise ValueError("`--image_dir` is required with a TSV.")
+        dataset = data.load_cc3m_dataset(tsv, image_dir, data_args.targets_dir or True)
+    elif data_args.dataset_name and split:
+        import datasets
+
+        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split, streaming=data_args.streaming)
+        dataset = data.prepare_hf_dataset(raw, data_args.image_column, data_args.caption_column)
+    else:
+        return None
+    if limit is not None:
+        dataset = dataset.take(limit) if data_args.streaming else dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def _prepare(dataset, data_args: GillDataArguments, model, processor):
+    """Adds SD targets when the data lacks them and an SD model is named; caches vision features."""
+    from . import data
+
+    columns = getattr(dataset, "column_names", None) or []
+    if data_args.sd_model and "gen_targets" not in columns and "gen_targets_path" not in columns:
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        encoder = CLIPTextModel.from_pretrained(data_args.sd_model, subfolder="text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(data_args.sd_model, subfolder="tokenizer")
+        dataset = data.precompute_gen_targets(dataset, encoder, tokenizer, data_args.target_batch_size)
+    if data_args.cache_image_features and not data_args.streaming:
+        dataset = data.cache_image_features(dataset, model, processor)
+    return dataset
+
+
+def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArguments, training_args: TrainingArguments) -> GillTrainer:
+    """The `gill-hf train` recipe: load, build data, train (resuming if asked), save GILL's weights,
+    evaluate, and push with the package's push function when `--push_to_hub` is set."""
+    from transformers import set_seed
+
+    from .data import GillDataCollator
+
+    set_seed(training_args.seed)  # fresh heads are initialised reproducibly
+    model, processor = _load_model_and_processor(model_args)
+    train = _load_split(data_args, data_args.train_tsv, data_args.image_dir, data_args.train_split, data_args.max_train_samples)
+    if train is None:
+        raise ValueError("No training data: pass `--train_tsv` and `--image_dir`, or `--dataset_name`.")
+    evaluation = _load_split(data_args, data_args.eval_tsv, data_args.eval_image_dir or data_args.image_dir,
+                             data_args.eval_split, data_args.max_eval_samples)
+    train = _prepare(train, data_args, model, processor)
+    evaluation = _prepare(evaluation, data_args, model, processor) if evaluation is not None else None
+
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # our push function, not Trainer's
+    collator = GillDataCollator(processor, max_length=data_args.max_length, num_clip_tokens=model.config.num_clip_tokens,
+                                caption_column="caption", image_column="image")
+    trainer = GillTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                          data_collator=collator, processing_class=processor)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    if evaluation is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    if push and trainer.is_world_process_zero():
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        model.push_to_hub(repo_id)  # the model's override delegates to gill_hf.hub (adapter form when it can)
+    return trainer
+
+
 __all__ = [
+    "GillDataArguments",
+    "GillModelArguments",
     "GillTrainer",
     "GillTrainingArguments",
     "LOSS_KEYS",
+    "apply_lora",
+    "load_lora",
     "RescaleImgRowsCallback",
     "compute_gill_metrics",
     "load_trainable_weights",
     "reference_lr_lambda",
     "save_trainable_weights",
+    "train_from_arguments",
     "trainable_state_dict",
 ]

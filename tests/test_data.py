@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_training import one_thread  # noqa: F401 (autouse: one torch thread)
 from tiny_models import tiny_gill
 from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -18,6 +19,7 @@ from gill_hf.data import GillDataCollator, cache_image_features, load_cc3m_datas
 
 CAPTIONS = ["A dog runs across the park.", "The cat sits on a wooden table.", "A red car looks at the beach!",
             "Two birds jump over the river.", "A girl walks along a busy street.", "My friend sleeps under the park."]
+
 
 
 def processor(tmp_path):

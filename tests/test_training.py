@@ -15,6 +15,16 @@ from gill_hf.modeling.checkpointing import gill_state_dict
 from gill_hf.training import LOSS_KEYS, GillTrainer, GillTrainingArguments, reference_lr_lambda
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two shared cores: a second intra-op thread makes tiny matmuls wait (measured 30 ms -> 2 s a step).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, batch):
         self.rows = [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
@@ -234,3 +244,19 @@ def test_two_processes_contrastive_loss_equals_single_process_on_the_whole_batch
                        start_method="spawn")
     assert results[0][0] == pytest.approx(single, abs=1e-6)
     assert results[1][0] == pytest.approx(single, abs=1e-6)
+
+
+def test_retrieval_recall_metric_module_and_ties():
+    import evaluate
+
+    from gill_hf.metrics import metric_path, retrieval_metrics
+
+    metric = evaluate.load(metric_path("retrieval_recall"))
+    text = [[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]
+    image = [[1.0, 0.1], [0.6, 0.8], [0.1, 1.0]]
+    result = metric.compute(text_embeds=text, image_embeds=image)
+    # text 0 -> image 0 (right); text 1 -> image 2 (wrong); text 2 -> image 1 (wrong)
+    assert result["t2i_r1"] == pytest.approx(1 / 3) and result["t2i_r5"] == 1.0
+    assert result == retrieval_metrics(torch.tensor(text), torch.tensor(image))
+    constant = retrieval_metrics(torch.ones(4, 3), torch.ones(4, 3))
+    assert constant["t2i_r1"] == 0.0 and constant["i2t_r5"] == 1.0  # ties rank the right image last

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
     """Row i's correct column is i; returns the share of rows whose correct column ranks in the top k.
-    Ties count against the row (a strict count of columns scoring higher), so a constant
-    similarity scores chance or lower, never 1."""
+    Ties count against the row (every other column scoring at least as high ranks first), so a
+    constant similarity scores 0, never 1."""
     correct = similarity.diagonal()[:, None]
-    rank = (similarity > correct).sum(dim=1)  # columns strictly better than the right one
+    rank = (similarity >= correct).sum(dim=1) - 1  # other columns at least as good as the right one
     return {k: (rank < k).float().mean().item() for k in ks}
 
 

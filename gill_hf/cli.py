@@ -1,0 +1,87 @@
+"""The `gill-hf` command. Each module that offers commands has a `register(subparsers)`-style
+function; this file only wires them together. Every command sets `func(namespace)`.
+
+    gill-hf train --model_name_or_path ... --train_tsv ... --image_dir ... --output_dir ... [any TrainingArguments flag]
+    gill-hf train-decision --model_name_or_path ... --prompts prompts.tsv --output_dir ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that may add commands: (module, function, group). A group nests the module's commands
+# under one word (`gill-hf world generate ...`); None adds them at the top level. A module that is
+# not there (yet) is skipped; one that fails to import for another reason raises.
+OPTIONAL_COMMAND_MODULES = (
+    ("gill_hf.world.cli", "register_world_commands", "world"),
+    ("gill_hf.convert_original", "register_commands", None),
+    ("gill_hf.hub", "register_commands", None),
+)
+
+
+def _train(namespace: argparse.Namespace) -> None:
+    import torch
+    from transformers import HfArgumentParser
+
+    from .training import GillDataArguments, GillModelArguments, GillTrainingArguments, train_from_arguments
+
+    argv = list(namespace.extra_args)
+    # bf16 where the hardware supports it, as the reference trains; an explicit flag wins.
+    if not any(flag in argv for flag in ("--bf16", "--fp16", "--no_bf16")) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        argv.append("--bf16")
+    parser = HfArgumentParser((GillModelArguments, GillDataArguments, GillTrainingArguments), prog="gill-hf train")
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        model_args, data_args, training_args = load(argv[0])
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    train_from_arguments(model_args, data_args, training_args)
+
+
+def register_train_command(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train", add_help=False, help="Train GILL with GillTrainer (HfArgumentParser: model, data and every TrainingArguments flag; "
+                                      "`gill-hf train --help` lists them).",
+    )
+    # Every flag goes to HfArgumentParser (`main` hands over what argparse does not know).
+    train.set_defaults(func=_train, passthrough=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gill-hf", description="GILL on Hugging Face libraries.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register_train_command(subparsers)
+    from .decision import register_decision_command
+
+    register_decision_command(subparsers)
+    for module_name, function_name, group in OPTIONAL_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                continue
+            raise
+        register = getattr(module, function_name, None)
+        if register is None:
+            continue
+        if group is None:
+            register(subparsers)
+        else:
+            nested = subparsers.add_parser(group, help=f"{group} commands ({module_name}).")
+            register(nested.add_subparsers(dest=f"{group}_command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    namespace, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra and not getattr(namespace, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    namespace.extra_args = extra
+    namespace.func(namespace)
+
+
+if __name__ == "__main__":
+    main()

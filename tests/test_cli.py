@@ -1,0 +1,116 @@
+"""`gill-hf train` end to end on a tiny CC3M-layout folder, LoRA training, and the command's wiring."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from test_training import one_thread  # noqa: F401 (autouse: one torch thread)
+from tiny_models import tiny_gill
+from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
+
+from gill_hf import GillProcessor
+from gill_hf.cli import build_parser, main
+from gill_hf.training import LOSS_KEYS, GillTrainer, apply_lora, load_lora
+
+SUBJECTS = ["A dog", "The cat", "A red car", "Two birds", "An old man", "The small house", "A girl", "My friend"]
+PLACES = ["the park", "the beach"]
+
+
+def tiny_checkpoint(folder, kind="opt"):
+    """A full-form tiny GILL checkpoint plus its processor, as `--model_name_or_path` expects.
+
+    At random init (std 0.02) the tiny vision tower's pooled output hardly depends on the image
+    (across-image std 0.06); its encoder's matrices are scaled up 8x so that images are
+    distinguishable (std 0.48) and retrieval has something to learn, as with a real CLIP."""
+    model = tiny_gill(kind, seed=0)
+    with torch.no_grad():
+        for name, param in model.vision_model.named_parameters():
+            if name.startswith("encoder.") and param.ndim == 2:
+                param.mul_(8)
+    model.save_pretrained(folder)
+    GillProcessor(image_processor=tiny_image_processor(), tokenizer=opt_like_tokenizer(folder / "tok")).save_pretrained(folder)
+    return folder
+
+
+def synthetic_cc3m(folder, n=16):
+    """n captions with distinct random images and targets = a shared pattern + a small per-example part."""
+    images = folder / "images"
+    (images / "clip_embs").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pattern = rng.normal(size=(6, 20)) * 2
+    lines = ["caption\timage"]
+    for i in range(n):
+        name = f"{i:04d}.jpg"
+        PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / name)
+        np.save(images / "clip_embs" / f"{name}.npy", (pattern + 0.2 * rng.normal(size=(6, 20))).astype(np.float16))
+        lines.append(f"{SUBJECTS[i % 8]} sits near {PLACES[i // 8]}.\t{name}")
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    return folder / "train.tsv", images
+
+
+def test_gill_hf_train_end_to_end_on_a_cc3m_folder(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "model")
+    tsv, images = synthetic_cc3m(tmp_path / "data")
+    out = tmp_path / "run"
+    main([
+        "train", "--model_name_or_path", str(checkpoint), "--train_tsv", str(tsv), "--image_dir", str(images),
+        "--eval_tsv", str(tsv), "--max_length", "32", "--output_dir", str(out), "--use_cpu", "--report_to", "none",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--max_steps", "60",
+        "--learning_rate", "1e-2", "--warmup_steps", "0", "--lr_step_size", "0", "--lr_scheduler_type", "constant",
+        "--logging_steps", "5", "--save_strategy", "no", "--seed", "0", "--disable_tqdm", "true",
+    ])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    train_logs = [h for h in history if "loss" in h and "train_runtime" not in h]
+    for key in LOSS_KEYS:
+        assert all(key in h for h in train_logs), key
+    assert train_logs[-1]["loss"] <= 0.7 * train_logs[0]["loss"], (train_logs[0]["loss"], train_logs[-1]["loss"])
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert metrics["eval_t2i_r1"] >= 3 / 16, metrics  # 3x chance on the 16 training pairs
+    files = {p.name for p in out.iterdir()}
+    assert "gill_adapter.safetensors" in files and "model.safetensors" not in files
+
+
+def test_lora_trains_only_lora_and_gill_weights_and_reloads(tmp_path):
+    from tiny_models import training_batch
+
+    model = tiny_gill("llama", seed=0)
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = training_batch(batch=4, seed=1)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    stack = lambda r: {k: torch.stack([x[k] for x in r]) for k in r[0]}  # noqa: E731
+    from gill_hf.training import GillTrainingArguments
+
+    trainer = GillTrainer(model=model, train_dataset=rows, data_collator=stack, args=GillTrainingArguments(
+        output_dir=str(tmp_path / "lora"), use_cpu=True, report_to="none", per_device_train_batch_size=4, max_steps=3,
+        warmup_steps=0, lr_step_size=0, save_strategy="no", concat_captions_prob=0.0, learning_rate=1e-2))
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    backbone_changed = {n for n in changed if n.startswith(("language_model.", "vision_model."))}
+    assert backbone_changed and all(".lora_" in n for n in backbone_changed)
+    assert "mapper.queries" in changed
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or not n.startswith(("language_model.", "vision_model.")) for n in trainable)
+
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = tiny_gill("llama", seed=0)
+    assert load_lora(reloaded, tmp_path / "saved")
+    model.eval()
+    with torch.no_grad():
+        a, b = model(**batch), reloaded(**batch)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.text_logits, b.text_logits)
+
+
+def test_parser_wiring_and_console_script():
+    usage = build_parser().format_usage()
+    assert "train" in usage and "train-decision" in usage
+    with pytest.raises(SystemExit):
+        main(["train-decision", "--model_name_or_path", "x", "--prompts", "y", "--output_dir", "z", "--bogus"])
+    result = subprocess.run([sys.executable, "-m", "gill_hf.cli", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--train_tsv", "--concat_captions_prob", "--weight_decay_mode", "--lora_r", "--gradient_accumulation_steps"):
+        assert flag in result.stdout, flag
