@@ -1,0 +1,140 @@
+"""Pushing GILL models and pipelines to the Hub: one function that saves, renders the model card
+from the package's `model_card.md` and uploads everything in a single commit.
+
+The Hub API object is a parameter (`huggingface_hub.HfApi` by default) so tests can pass a
+folder-backed fake. `GillForConditionalGeneration.push_to_hub` is installed from `gill_hf`
+(`modeling/` imports nothing of the package) as `model_push_to_hub`; `GillPipeline.push_to_hub`
+calls `push_to_hub` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+LIBRARY_NAME = "gill-hf"
+PIPELINE_TAG = "any-to-any"  # interleaved images and text in; text and images out
+BASE_TAGS = ["gill", "gill-hf", "multimodal", "text-to-image", "image-retrieval"]
+FORMS = ("full", "adapter")
+
+
+def choose_form(model, form: str | None) -> str:
+    """`form=None` means adapter whenever every backbone has a reference, else full."""
+    if form is not None:
+        if form not in FORMS:
+            raise ValueError(f"`form` must be None, 'full' or 'adapter', got {form!r}.")
+        return form
+    references = model.config.backbone_references or {}
+    return "adapter" if all(references.get(name) for name in ("text_model", "vision_model")) else "full"
+
+
+def _repo_id_of(reference: Any) -> str | None:
+    """The Hub id a backbone reference or a component's `_name_or_path` names, if any (local
+    paths and embedded artifacts name none)."""
+    if isinstance(reference, dict):
+        return reference.get("repo_id")
+    if isinstance(reference, str) and reference.count("/") == 1 and not os.path.exists(reference):
+        return reference
+    return None
+
+
+def base_models(obj) -> list[str]:
+    """Hub ids of what a model or pipeline is built on: the GILL model's backbones and, for a
+    pipeline, the Stable Diffusion parts."""
+    model = getattr(obj, "gill_model", obj)
+    found = []
+    references = model.config.backbone_references or {}
+    candidates = [references.get("text_model"), references.get("vision_model"),
+                  getattr(model.language_model.config, "_name_or_path", None),
+                  getattr(model.vision_model.config, "_name_or_path", None)]
+    for name in ("unet", "vae", "text_encoder"):
+        component = getattr(obj, name, None) if obj is not model else None
+        config = getattr(component, "config", None)
+        candidates.append(getattr(config, "_name_or_path", None))
+    for candidate in candidates:
+        repo_id = _repo_id_of(candidate)
+        if repo_id and repo_id not in found:
+            found.append(repo_id)
+    return found
+
+
+def render_model_card(obj, repo_id: str, form: str | None = None) -> ModelCard:
+    """The card of a model or pipeline, rendered from `model_card.md` (package data) with
+    `library_name`, `pipeline_tag`, base models and tags in its metadata."""
+    is_pipeline = hasattr(obj, "gill_model")
+    tags = BASE_TAGS + (["diffusers", "pipeline"] if is_pipeline else [f"{form or 'full'}-checkpoint"])
+    if is_pipeline and getattr(obj, "retrieval_index", None) is not None:
+        tags.append("retrieval-index")
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME, pipeline_tag=PIPELINE_TAG, base_model=base_models(obj) or None, tags=tags,
+    )
+    template = resources.files("gill_hf").joinpath("model_card.md").read_text(encoding="utf-8")
+    return ModelCard.from_template(card_data, template_str=template, model_name=repo_id.split("/")[-1], repo_id=repo_id)
+
+
+def push_to_hub(
+    obj,
+    repo_id: str,
+    *,
+    api=None,
+    form: str | None = None,
+    processor=None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+) -> Any:
+    r"""
+    Saves `obj` (a [`GillForConditionalGeneration`] or a [`GillPipeline`]) to a temporary folder,
+    writes its rendered `README.md` and uploads the folder in one commit.
+
+    Args:
+        obj: the model or the pipeline.
+        repo_id (`str`): `"org/name"`; created if missing.
+        api: a `huggingface_hub.HfApi`-like object (`create_repo`, `upload_folder`); `HfApi(token=token)` by default.
+        form (`str`, *optional*): model only: `"full"`, `"adapter"` or None (adapter whenever every
+            backbone has a reference).
+        processor ([`GillProcessor`], *optional*): model only: saved beside the weights.
+        commit_message, private, token, revision: as for `HfApi.upload_folder` / `create_repo`.
+
+    Returns:
+        What `api.upload_folder` returns (the commit info for `HfApi`).
+    """
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"`repo_id` must be a non-empty str, got {repo_id!r}.")
+    is_pipeline = hasattr(obj, "gill_model")
+    if is_pipeline and (form is not None or processor is not None):
+        raise ValueError("`form` and `processor` apply to a model; a pipeline saves all its components.")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    form = None if is_pipeline else choose_form(obj, form)
+    with tempfile.TemporaryDirectory(prefix="gill-hf-push-") as tmp:
+        folder = Path(tmp) / "upload"
+        if is_pipeline:
+            obj.save_pretrained(folder)
+        else:
+            obj.save_pretrained(folder, form=form)
+            if processor is not None:
+                processor.save_pretrained(folder)
+        render_model_card(obj, repo_id, form).save(folder / "README.md")
+        api.create_repo(repo_id=repo_id, exist_ok=True, private=private, repo_type="model")
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+            commit_message=commit_message or f"Upload GILL {'pipeline' if is_pipeline else f'model ({form} form)'}",
+        )
+
+
+def model_push_to_hub(self, repo_id: str, *, form: str | None = None, api=None, **kwargs) -> Any:
+    """`GillForConditionalGeneration.push_to_hub(repo_id, *, form=None, api=None, ...)`: installed
+    from `gill_hf/__init__.py` over the inherited method; see [`push_to_hub`]."""
+    return push_to_hub(self, repo_id, api=api, form=form, **kwargs)
+
+
+__all__ = ["base_models", "choose_form", "model_push_to_hub", "push_to_hub", "render_model_card"]

@@ -1,0 +1,101 @@
+"""gill_hf.hub: one push (save + card + one upload) for models and pipelines, against a
+folder-backed fake Hub API; what was pushed loads back from a seeded cache with identical outputs."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from gill_hf import GillForConditionalGeneration
+from gill_hf.hub import choose_form, model_push_to_hub, push_to_hub
+from gill_hf.pipelines import GillPipeline
+from test_pipeline import FAST, one_thread, seed_hf_cache, seeded, tiny_pipeline, tiny_processor  # noqa: F401
+from tiny_models import tiny_gill
+
+
+class FolderHubApi:
+    """The two `HfApi` calls the push makes, backed by a folder per repo; records every call."""
+
+    def __init__(self, root: Path):
+        self.root, self.calls = root, []
+
+    def create_repo(self, repo_id, exist_ok=False, private=None, repo_type=None):
+        self.calls.append(("create_repo", repo_id))
+        (self.root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, revision=None, commit_message=None):
+        self.calls.append(("upload_folder", repo_id, commit_message))
+        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
+        return f"fake://{repo_id}"
+
+
+def card_of(folder: Path) -> ModelCard:
+    return ModelCard.load(folder / "README.md")
+
+
+def test_pipeline_push_uploads_once_with_a_card_and_loads_back_identically(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    api = FolderHubApi(tmp_path / "hub")
+    assert pipe.push_to_hub("org/gill-pipe", api=api) == "fake://org/gill-pipe"
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
+    pushed = tmp_path / "hub" / "org/gill-pipe"
+    card = card_of(pushed)
+    assert card.data.library_name == "gill-hf" and card.data.pipeline_tag == "any-to-any"
+    assert {"gill", "diffusers"} <= set(card.data.tags)
+    assert "# gill-pipe" in card.text
+    seed_hf_cache(pushed, "org/gill-pipe", tmp_path / "cache")
+    loaded = GillPipeline.from_pretrained("org/gill-pipe", cache_dir=tmp_path / "cache")
+    loaded.set_progress_bar_config(disable=True)
+    settings = dict(prompt="A dog runs", max_new_tokens=12, force_image=True, output_type="np", **FAST)
+    before, after = pipe(generator=seeded(2)[0], **settings), loaded(generator=seeded(2)[0], **settings)
+    assert before.token_ids == after.token_ids and np.array_equal(before.images[0][0], after.images[0][0])
+
+
+def test_model_push_chooses_the_form_and_names_base_models(tmp_path):
+    api = FolderHubApi(tmp_path / "hub")
+    full = tiny_gill("opt")
+    assert choose_form(full, None) == "full"
+    push_to_hub(full, "org/full", api=api, processor=tiny_processor(tmp_path))
+    assert (tmp_path / "hub/org/full/model.safetensors").is_file()
+    assert (tmp_path / "hub/org/full/processor_config.json").is_file() or (tmp_path / "hub/org/full/tokenizer_config.json").is_file()
+    assert "full-checkpoint" in card_of(tmp_path / "hub/org/full").data.tags
+    reloaded = GillForConditionalGeneration.from_pretrained(tmp_path / "hub/org/full")
+    ids = torch.tensor([[2, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, use_cache=True).logits, full(input_ids=ids, use_cache=True).logits)
+
+    refs = {"text_model": {"repo_id": "facebook/opt-6.7b", "revision": "main"},
+            "vision_model": {"repo_id": "openai/clip-vit-large-patch14", "revision": "main"}}
+    adapter = tiny_gill("opt", backbone_references=refs)
+    assert choose_form(adapter, None) == "adapter"
+    push_to_hub(adapter, "org/adapter", api=api)
+    folder = tmp_path / "hub/org/adapter"
+    assert (folder / "gill_adapter.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    card = card_of(folder)
+    assert card.data.base_model == ["facebook/opt-6.7b", "openai/clip-vit-large-patch14"]
+    assert card.data.library_name == "gill-hf" and "adapter-checkpoint" in card.data.tags
+
+
+def test_model_push_to_hub_hook_delegates(tmp_path, monkeypatch):
+    # gill_hf/__init__.py installs this over the inherited method; install it here the same way.
+    monkeypatch.setattr(GillForConditionalGeneration, "push_to_hub", model_push_to_hub)
+    api = FolderHubApi(tmp_path / "hub")
+    tiny_gill("opt").push_to_hub("org/hooked", form="full", api=api)
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
+    assert (tmp_path / "hub/org/hooked/README.md").is_file()
+
+
+def test_bad_push_arguments(tmp_path):
+    api = FolderHubApi(tmp_path / "hub")
+    with pytest.raises(ValueError, match="form"):
+        push_to_hub(tiny_gill("opt"), "org/x", api=api, form="half")
+    with pytest.raises(ValueError, match="backbone_references"):
+        push_to_hub(tiny_gill("opt"), "org/x", api=api, form="adapter")
+    with pytest.raises(ValueError, match="repo_id"):
+        push_to_hub(tiny_gill("opt"), "", api=api)
+    with pytest.raises(ValueError, match="pipeline"):
+        push_to_hub(tiny_pipeline(tmp_path), "org/x", api=api, form="full")
+    assert api.calls == []
