@@ -149,13 +149,14 @@ def rerun_loop(pipe, prompt, *, mode, steps, min_word_tokens=0, gen_scale=1.0, f
     return tokens, prompt_embeds, blocks
 
 
-@pytest.mark.parametrize("mode", ["default", "reference"])
-def test_greedy_cached_decoding_equals_a_full_rerun_loop(tmp_path, mode):
+@pytest.mark.parametrize("mode,steps", [("default", 16), ("default", 10), ("reference", 5)])
+def test_greedy_cached_decoding_equals_a_full_rerun_loop(tmp_path, mode, steps):
+    """10 steps: the block ends the answer, so its last state comes from the one extra cached step."""
     pipe = tiny_pipeline(tmp_path)
     prompt = [images(1)[0], "A dog runs across", images(2, seed=1)[1], "the park. Now draw it"]
     if mode == "default":
-        settings = dict(steps=16, min_word_tokens=2, force_image=True)
-        out = pipe(prompt=prompt, max_new_tokens=16, min_word_tokens=2, force_image=True, **FAST)
+        settings = dict(steps=steps, min_word_tokens=2, force_image=True)
+        out = pipe(prompt=prompt, max_new_tokens=steps, min_word_tokens=2, force_image=True, **FAST)
     else:
         settings = dict(steps=5, min_word_tokens=2, gen_scale=1e5)  # the reference's way to force an image
         out = pipe(prompt=prompt, max_new_tokens=5, min_word_tokens=2, gen_scale_factor=1e5, decoding="reference", **FAST)
@@ -295,6 +296,22 @@ def test_generated_images_are_ordered_by_their_retrieval_score(tmp_path):
     scores = out.generated_scores[0][0]
     torch.testing.assert_close(scores, image_embeds @ text_embed, atol=1e-4, rtol=1e-4)
     assert torch.all(scores[:-1] >= scores[1:])
+
+
+def test_negative_prompt_and_given_latents(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    settings = dict(prompt="A dog", max_new_tokens=10, force_image=True, output_type="np", **FAST)
+    plain = pipe(generator=seeded(0)[0], **settings)
+    negative = pipe(generator=seeded(0)[0], negative_prompt="a red car", **settings)
+    assert not np.allclose(plain.images[0][0], negative.images[0][0])
+    empty = pipe(generator=seeded(0)[0], negative_prompt="", **settings)
+    np.testing.assert_allclose(plain.images[0][0], empty.images[0][0], atol=1e-6)
+    latents = torch.randn(1, 4, 8, 8, generator=seeded(9)[0])
+    given = pipe(latents=latents, **settings)
+    again = pipe(latents=latents, generator=seeded(1)[0], **settings)
+    assert np.array_equal(given.images[0][0], again.images[0][0])
+    with pytest.raises(ValueError, match="latents"):
+        pipe(latents=torch.randn(1, 4, 4, 4), **settings)
 
 
 def test_callback_on_step_end_can_modify_latents(tmp_path):
