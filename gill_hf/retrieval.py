@@ -30,7 +30,7 @@ REFERENCES_NAME = "references.jsonl"
 DATASET_DIR = "dataset"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 _SAFETENSORS_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16), "BF16": (np.uint16, torch.bfloat16)}
-_SEARCH_CHUNK = 1 << 16  # entries per matmul: bounds the float32 working set on huge indexes
+_SEARCH_SCORES = 1 << 26  # float32 scores per matmul (256 MiB): bounds the working set of batched queries
 
 
 class GillRetrievalIndex(ModelMixin, ConfigMixin):
@@ -51,7 +51,8 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
     def __init__(self, embedding_dim: int = 256, image_column: str = "image"):
         super().__init__()
         self.embeddings = torch.empty(0, embedding_dim)  # a plain attribute: never a parameter, never copied by `.to`
-        self.references: list[str] | None = []
+        self._references: list[str] | None = []
+        self._references_file: Path | None = None  # parsed on first use: loading stays fast for millions of entries
         self.dataset = None
         # Follows the pipeline's `.to(device)`; search runs there (the embeddings are copied once).
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
@@ -128,6 +129,18 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
             chunks.append(model.get_image_retrieval_embeds(pixel_values=pixels.to(device)).float().cpu())
         return cls.from_embeddings(torch.cat(chunks).to(dtype), references=references, dataset=dataset, image_column=image_column)
 
+    @property
+    def references(self) -> list[str] | None:
+        """Image paths or URLs, one per entry (None for a dataset-backed index)."""
+        if self._references is None and self._references_file is not None:
+            with open(self._references_file, encoding="utf-8") as f:
+                self._references = [json.loads(line)["path"] for line in f if line.strip()]
+        return self._references
+
+    @references.setter
+    def references(self, value: list[str] | None) -> None:
+        self._references, self._references_file = value, None
+
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
@@ -159,10 +172,11 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         query = F.normalize(query.detach().float(), dim=-1).to(embeddings.device)
         excluded = self._exclusions(exclude, query.shape[0])
         n = embeddings.shape[0]
+        chunk = max(1 << 16, _SEARCH_SCORES // query.shape[0])  # one matmul for a single query up to 64 M entries
         best_scores = torch.full((query.shape[0], 0), float("-inf"), device=query.device)
         best_indices = torch.zeros((query.shape[0], 0), dtype=torch.long, device=query.device)
-        for start in range(0, n, _SEARCH_CHUNK):
-            scores = query @ embeddings[start : start + _SEARCH_CHUNK].float().T
+        for start in range(0, n, chunk):
+            scores = query @ embeddings[start : start + chunk].float().T
             for row, banned in enumerate(excluded):
                 local = [i - start for i in banned if start <= i < start + scores.shape[1]]
                 if local:
@@ -247,15 +261,16 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         index.embeddings = _mmap_tensor(folder / EMBEDDINGS_NAME, "embeddings")
         if index.embeddings.ndim != 2 or index.embeddings.shape[1] != index.config.embedding_dim:
             raise ValueError(f"{str(folder / EMBEDDINGS_NAME)!r} holds a tensor of shape {tuple(index.embeddings.shape)}, expected (n, {index.config.embedding_dim}).")
-        entries = [json.loads(line) for line in (folder / REFERENCES_NAME).read_text(encoding="utf-8").splitlines() if line.strip()]
-        if len(entries) != len(index):
-            raise ValueError(f"{str(folder / REFERENCES_NAME)!r} has {len(entries)} entries for {len(index)} embeddings (truncated?).")
+        raw = (folder / REFERENCES_NAME).read_bytes()
+        count = raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
+        if count != len(index):
+            raise ValueError(f"{str(folder / REFERENCES_NAME)!r} has {count} entries for {len(index)} embeddings (truncated?).")
         if (folder / DATASET_DIR).is_dir():
             import datasets
 
             index.dataset, index.references = datasets.load_from_disk(str(folder / DATASET_DIR)), None
         else:
-            index.references = [entry["path"] for entry in entries]
+            index._references, index._references_file = None, folder / REFERENCES_NAME
         return index
 
 
