@@ -75,7 +75,7 @@ def register_world_commands(subparsers) -> None:
     p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("train-judge", help="train the attribute judge (CNN)")
-    _common(p, steps=3000)
+    _common(p, steps=1500)
     p.set_defaults(func=_train_judge)
 
     p = subparsers.add_parser("train-clip", help="train the world CLIP (tokenizer + CLIPModel)")
@@ -87,7 +87,7 @@ def register_world_commands(subparsers) -> None:
     p.set_defaults(func=_train_vae)
 
     p = subparsers.add_parser("train-unet", help="train the world SD's UNet (needs clip + vae)")
-    _common(p, steps=20000)
+    _common(p, steps=6000)
     p.add_argument("--clip-dir", default=None)
     p.add_argument("--vae-dir", default=None)
     p.set_defaults(func=_train_unet)

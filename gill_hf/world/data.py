@@ -30,6 +30,9 @@ from .render import (
 )
 
 SPLITS = ("train", "validation", "heldout")
+# "judge" is the judge's own training stream: every combination, held-out pairs included,
+# because the judge must read the compositions that the judged models never saw.
+STREAMS = SPLITS + ("judge",)
 # Bump when rendering or captions change, so cached arrays are never silently stale.
 WORLD_VERSION = 1
 
@@ -49,13 +52,13 @@ def sample_example(
     seed: int, split: str, index: int, num_objects: int | None = None
 ) -> tuple[Scene, str]:
     """The (scene, caption) of one example; rejection keeps the split's pair rule exact."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split not in STREAMS:
+        raise ValueError(f"unknown split {split!r}; expected one of {STREAMS}")
     rng = example_rng(seed, split, index)
     want_heldout = split == "heldout"
     while True:
         scene = sample_scene(rng, num_objects)
-        if scene.has_heldout_pair() == want_heldout:
+        if split == "judge" or scene.has_heldout_pair() == want_heldout:
             return scene, caption_scene(scene, rng)
 
 

@@ -124,13 +124,13 @@ def evaluate_judge(model: WorldJudge, images: np.ndarray, labels: list[dict]) ->
     return res
 
 
-def train_judge(steps: int = 3000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+def train_judge(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                 n_train: int = 60000, threads: int = 1, out_dir: str | Path | None = None,
                 resume: bool = True) -> dict:
     set_threads(threads)
     seed_everything(seed)
     t_start = time.time()
-    data = generate_arrays(n_train, "train", seed)
+    data = generate_arrays(n_train, "judge", seed)
     x_all = to_tensor(data["images"])
     y_all = {k: torch.from_numpy(v) for k, v in label_ids(data["labels"]).items()}
     model = WorldJudge()
@@ -139,7 +139,7 @@ def train_judge(steps: int = 3000, batch_size: int = 128, lr: float = 2e-3, seed
     ckpt = Checkpoint(f"judge-s{seed}", every_s=60)
     g = torch.Generator().manual_seed(seed)
     step, hist, elapsed = ckpt.restore(model, opt, sched, g, {"loss": [], "val_all": []}, resume)
-    val = generate_arrays(1000, "validation", seed + 1)
+    val = generate_arrays(1000, "heldout", seed + 1)
     t0 = time.time() - elapsed
     bar = progress(steps, step, "judge")
     while step < steps:
@@ -151,7 +151,7 @@ def train_judge(steps: int = 3000, batch_size: int = 128, lr: float = 2e-3, seed
         step += 1
         hist["loss"].append((step, loss.item()))
         bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 500 == 0 or step == steps:
+        if step % 250 == 0 or step == steps:
             acc = evaluate_judge(model, val["images"], val["labels"])
             hist["val_all"].append((step, acc["all"]))
             tqdm.write(f"step {step} val {acc}")
