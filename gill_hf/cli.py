@@ -16,8 +16,7 @@ import sys
 # not there (yet) is skipped; one that fails to import for another reason raises.
 OPTIONAL_COMMAND_MODULES = (
     ("gill_hf.world.cli", "register_world_commands", "world"),
-    ("gill_hf.convert_original", "register_commands", None),
-    ("gill_hf.hub", "register_commands", None),
+    ("gill_hf.convert_original", "register", None),
 )
 
 
@@ -53,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gill-hf", description="GILL on Hugging Face libraries.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_train_command(subparsers)
+    from .data import register_data_commands
     from .decision import register_decision_command
 
     register_decision_command(subparsers)
+    register_data_commands(subparsers)
     for module_name, function_name, group in OPTIONAL_COMMAND_MODULES:
         try:
             module = importlib.import_module(module_name)

@@ -294,6 +294,63 @@ def cache_image_features(dataset, model, processor, batch_size: int = 64, image_
     return dataset
 
 
+
+
+# ----- `gill-hf precompute-targets` ------------------------------------------------------------------
+
+
+def load_saved_or_hub_dataset(name: str, config_name: str | None = None, split: str | None = "train", streaming: bool = False):
+    """A folder written by `Dataset.save_to_disk` (e.g. by `gill-hf precompute-targets`), or
+    anything `datasets.load_dataset` takes."""
+    import datasets
+
+    if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "state.json")) or os.path.isfile(os.path.join(name, "dataset_dict.json"))):
+        dataset = datasets.load_from_disk(name)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split or "train"]
+        return dataset.to_iterable_dataset() if streaming else dataset
+    return datasets.load_dataset(name, config_name, split=split, streaming=streaming)
+
+
+def _precompute_targets(namespace) -> None:
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    if namespace.train_tsv:
+        dataset = load_cc3m_dataset(namespace.train_tsv, namespace.image_dir, targets_dir=None)
+    else:
+        dataset = prepare_hf_dataset(load_saved_or_hub_dataset(namespace.dataset_name, namespace.dataset_config_name, namespace.split),
+                                     namespace.image_column, namespace.caption_column)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = CLIPTextModel.from_pretrained(namespace.sd_model, subfolder="text_encoder").to(device)
+    tokenizer = AutoTokenizer.from_pretrained(namespace.sd_model, subfolder="tokenizer")
+    dataset = precompute_gen_targets(dataset, encoder, tokenizer, batch_size=namespace.batch_size)
+    if namespace.model_name_or_path:
+        from .modeling import GillForConditionalGeneration
+        from .processing_gill import GillProcessor
+
+        model = GillForConditionalGeneration.from_pretrained(namespace.model_name_or_path).to(device)
+        dataset = cache_image_features(dataset, model, GillProcessor.from_pretrained(namespace.model_name_or_path))
+    dataset.save_to_disk(namespace.output_dir)
+    print(f"Saved {len(dataset)} examples with columns {dataset.column_names} to {namespace.output_dir}")
+
+
+def register_data_commands(subparsers) -> None:
+    p = subparsers.add_parser("precompute-targets", help="Add SD text-encoder targets (and optionally cached vision "
+                                                         "features) to a dataset and save it (arrow).")
+    p.add_argument("--train_tsv", default=None, help="CC3M layout TSV (`caption\\timage`).")
+    p.add_argument("--image_dir", default=None, help="Its image folder.")
+    p.add_argument("--dataset_name", default=None, help="Or a `datasets` dataset / saved folder with image + caption columns.")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--caption_column", default="caption")
+    p.add_argument("--sd_model", required=True, help="SD folder or hub id with text_encoder/ and tokenizer/.")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--model_name_or_path", default=None, help="A GILL checkpoint: also cache its frozen vision features.")
+    p.add_argument("--output_dir", required=True, help="Where the dataset is saved (`gill-hf train --dataset_name` reads it).")
+    p.set_defaults(func=_precompute_targets)
+
+
 __all__ = [
     "CLIP_EMBS_FOLDER",
     "GillDataCollator",
@@ -301,5 +358,7 @@ __all__ = [
     "encode_captions_for_sd",
     "load_cc3m_dataset",
     "precompute_gen_targets",
+    "load_saved_or_hub_dataset",
     "prepare_hf_dataset",
+    "register_data_commands",
 ]

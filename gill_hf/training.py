@@ -353,7 +353,8 @@ class GillDataArguments:
     eval_tsv: str | None = field(default=None, metadata={"help": "CC3M layout: validation TSV."})
     eval_image_dir: str | None = field(default=None, metadata={"help": "Validation images (default: image_dir)."})
     targets_dir: str | None = field(default=None, metadata={"help": "Folder of <image>.npy targets (default: <image_dir>/clip_embs if present)."})
-    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` dataset (name or path) with image + caption columns."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` dataset (name, path, or a folder saved by "
+                                                                      "`gill-hf precompute-targets`) with image + caption columns."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
     train_split: str = field(default="train", metadata={"help": "Training split."})
     eval_split: str | None = field(default=None, metadata={"help": "Validation split."})
@@ -405,9 +406,7 @@ def _load_split(data_args: GillDataArguments, tsv: str | None, image_dir: str | 
             raise ValueError("`--image_dir` is required with a TSV.")
         dataset = data.load_cc3m_dataset(tsv, image_dir, data_args.targets_dir or True)
     elif data_args.dataset_name and split:
-        import datasets
-
-        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split, streaming=data_args.streaming)
+        raw = data.load_saved_or_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, split, data_args.streaming)
         dataset = data.prepare_hf_dataset(raw, data_args.image_column, data_args.caption_column)
     else:
         return None
@@ -464,9 +463,24 @@ def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArgu
         trainer.save_metrics("eval", metrics)
     trainer.save_state()
     if push and trainer.is_world_process_zero():
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        model.push_to_hub(repo_id)  # the model's override delegates to gill_hf.hub (adapter form when it can)
+        push_trained_model(trainer, processor, training_args.hub_model_id)
     return trainer
+
+
+def push_trained_model(trainer: GillTrainer, processor=None, repo_id: str | None = None, api=None):
+    """Pushes the trained model with the package's push function (`gill_hf.hub.push_to_hub`:
+    adapter form whenever both backbones have references), the commit message naming the run."""
+    from . import hub
+
+    args = trainer.args
+    repo_id = repo_id or os.path.basename(os.path.abspath(args.output_dir))
+    evals = [h for h in trainer.state.log_history if any(k.startswith("eval_") for k in h)]
+    summary = f"GillTrainer: {trainer.state.global_step} steps"
+    if evals:
+        summary += ", " + ", ".join(f"{k}={v:.4g}" for k, v in evals[-1].items() if k.startswith("eval_") and isinstance(v, float))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return hub.push_to_hub(model, repo_id, api=api, processor=processor, commit_message=summary,
+                           private=getattr(args, "hub_private_repo", None), token=getattr(args, "hub_token", None))
 
 
 __all__ = [
@@ -480,6 +494,7 @@ __all__ = [
     "RescaleImgRowsCallback",
     "compute_gill_metrics",
     "load_trainable_weights",
+    "push_trained_model",
     "reference_lr_lambda",
     "save_trainable_weights",
     "train_from_arguments",

@@ -131,3 +131,22 @@ def test_precompute_targets_and_cache_vision_features(tmp_path):
         assert torch.allclose(from_cache["image_features"], expected, atol=1e-6)
         a, b = model(**from_cache), model(**from_pixels)
     assert a.loss.item() == pytest.approx(b.loss.item(), abs=1e-5)
+
+
+def test_precompute_targets_command_saves_a_dataset_that_train_reads(tmp_path):
+    from gill_hf.cli import main
+    from gill_hf.data import load_saved_or_hub_dataset
+
+    tsv, images = make_cc3m(tmp_path / "data", n=3)
+    sd = tmp_path / "sd"
+    tiny_text_encoder().save_pretrained(sd / "text_encoder")
+    tokenizer = opt_like_tokenizer(tmp_path / "sdtok")
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(sd / "tokenizer")
+    main(["precompute-targets", "--train_tsv", str(tsv), "--image_dir", str(images), "--sd_model", str(sd),
+          "--batch_size", "2", "--output_dir", str(tmp_path / "saved")])
+    saved = load_saved_or_hub_dataset(str(tmp_path / "saved"))
+    assert len(saved) == 3 and {"caption", "image", "gen_targets"} <= set(saved.column_names)
+    assert np.asarray(saved[0]["gen_targets"]).shape == (77, 20)
+    batch = GillDataCollator(processor(tmp_path), max_length=16, num_clip_tokens=6)([saved[i] for i in range(3)])
+    assert batch["gen_targets"].shape == (3, 6, 20)

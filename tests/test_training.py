@@ -229,21 +229,27 @@ def _contrastive_worker(rank, world, init_file, batch, results):
         model = tiny_gill("opt", seed=5)
         half = {k: v.chunk(world)[rank] for k, v in batch.items()}
         out = model(**half)
-        out.loss.backward()
-        results[rank] = (out.contrastive_loss.item(), model.logit_scale.grad.item())
+        out.contrastive_loss.backward()
+        results[rank] = (out.contrastive_loss.item(), model.text_retrieval_projection.weight.grad.clone())
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_two_processes_contrastive_loss_equals_single_process_on_the_whole_batch(tmp_path):
     batch = training_batch(batch=6, seed=11)
-    single = tiny_gill("opt", seed=5)(**batch).contrastive_loss.item()
+    model = tiny_gill("opt", seed=5)
+    out = model(**batch)
+    out.contrastive_loss.backward()
+    single, single_grad = out.contrastive_loss.item(), model.text_retrieval_projection.weight.grad
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
     mp.start_processes(_contrastive_worker, args=(2, str(tmp_path / "init"), batch, results), nprocs=2, join=True,
                        start_method="spawn")
     assert results[0][0] == pytest.approx(single, abs=1e-6)
     assert results[1][0] == pytest.approx(single, abs=1e-6)
+    # Each process keeps the gradient of its own examples: the two parts add up to the whole
+    # (DDP's averaging then scales it by 1/2, as in the reference's loop).
+    assert torch.allclose(results[0][1] + results[1][1], single_grad, atol=1e-6)
 
 
 def test_retrieval_recall_metric_module_and_ties():
@@ -260,3 +266,42 @@ def test_retrieval_recall_metric_module_and_ties():
     assert result == retrieval_metrics(torch.tensor(text), torch.tensor(image))
     constant = retrieval_metrics(torch.ones(4, 3), torch.ones(4, 3))
     assert constant["t2i_r1"] == 0.0 and constant["i2t_r5"] == 1.0  # ties rank the right image last
+
+
+class FolderApi:
+    """The two HfApi calls a push makes, backed by a folder."""
+
+    def __init__(self, root):
+        self.root, self.messages = root, []
+
+    def create_repo(self, repo_id, exist_ok=False, private=None, repo_type=None):
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, revision=None, commit_message=None):
+        import shutil
+
+        self.messages.append(commit_message)
+        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
+
+
+def test_best_checkpoint_by_text_to_image_r1_and_push(tmp_path):
+    from gill_hf.training import push_trained_model
+
+    data = ListDataset(training_batch(batch=8, seed=12))
+    model = tiny_gill("opt", seed=4)
+    trainer = GillTrainer(model=model, train_dataset=data, eval_dataset=data, data_collator=stack, args=args(
+        tmp_path / "run", max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="t2i_r1", learning_rate=1e-2, per_device_eval_batch_size=8))
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_t2i_r1" in h]
+    best = max(evals, key=lambda h: h["eval_t2i_r1"])  # the first of equals wins, as Trainer's strict comparison
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    saved = load_file(os.path.join(trainer.state.best_model_checkpoint, "gill_adapter.safetensors"))
+    current = gill_state_dict(model)
+    assert all(torch.equal(saved[k], current[k]) for k in saved)
+
+    api = FolderApi(tmp_path / "hub")
+    push_trained_model(trainer, repo_id="org/tiny-gill", api=api)
+    pushed = set(os.listdir(tmp_path / "hub" / "org" / "tiny-gill"))
+    assert {"config.json", "README.md"} <= pushed  # full form: these backbones have no references
+    assert api.messages and "4 steps" in api.messages[0] and "eval_t2i_r1" in api.messages[0]
