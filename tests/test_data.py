@@ -150,3 +150,20 @@ def test_precompute_targets_command_saves_a_dataset_that_train_reads(tmp_path):
     assert np.asarray(saved[0]["gen_targets"]).shape == (77, 20)
     batch = GillDataCollator(processor(tmp_path), max_length=16, num_clip_tokens=6)([saved[i] for i in range(3)])
     assert batch["gen_targets"].shape == (3, 6, 20)
+
+
+def test_trainer_runs_on_a_streaming_dataset_with_a_corrupt_image(tmp_path):
+    from gill_hf.training import GillTrainer, GillTrainingArguments
+
+    cells = [{"bytes": png_bytes(i), "path": None} for i in range(6)]
+    cells[1] = {"bytes": b"broken", "path": None}  # the batch of 3 that holds it trains on 2
+    raw = datasets.Dataset.from_dict({"image": cells, "caption": CAPTIONS}).cast_column("image", datasets.Image())
+    stream = prepare_hf_dataset(raw.to_iterable_dataset())
+    collator = GillDataCollator(processor(tmp_path), max_length=16)
+    trainer = GillTrainer(model=tiny_gill("opt"), train_dataset=stream, data_collator=collator, args=GillTrainingArguments(
+        output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", per_device_train_batch_size=3, max_steps=2,
+        logging_steps=1, save_strategy="no", warmup_steps=0, lr_step_size=0, concat_captions_prob=1.0))
+    trainer.train()  # an odd batch cannot pair captions: the trainer skips the augmentation for it
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(logs) == 2 and logs[-1]["skipped_examples"] == 1
+    assert "gen_loss" not in logs[0] and "contrastive_loss" in logs[0]
