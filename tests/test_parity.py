@@ -221,3 +221,76 @@ def test_paper_era_decision_head_matches_the_derived_formula(reference, fixture_
     best = tensors[f"gen.{case}.ret_scores_all"].max().reshape(1)
     with torch.no_grad():
         _close(model.get_decision_probs(hidden, best), tensors[f"gen.{case}.decision4097_derived_probs"], "4097 decision")
+
+
+# ----- (iii) the whole pipeline in reference decoding mode --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(converted, fixture_paths, model):
+    from gill_hf import GillProcessor
+    from gill_hf.pipelines import GillPipeline
+
+    processor = GillProcessor.from_pretrained(converted)
+    index = GillRetrievalIndex.from_pretrained(converted / "retrieval_index")
+    return GillPipeline.from_sd_and_gill(fixture_paths["sd"], model, processor, retrieval_index=index)
+
+
+def _pil_prompt(fixture_paths, layout):
+    from PIL import Image
+
+    return [Image.open(f"{fixture_paths['images']}/{recipe_image_name(seg[1])}") if seg[0] == "image" else seg[1]
+            for seg in layout]
+
+
+def recipe_image_name(index: int) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "parity"))
+    import recipe
+
+    return recipe.image_name(index)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pipeline_reference_mode_matches_the_reference(pipeline, reference, fixture_paths, case):
+    tensors, meta = reference
+    info = meta["generation"][case]
+    config = info["config"]
+    latents = []
+
+    def record(pipe, step, timestep, kwargs):
+        latents.append(kwargs["latents"].clone())
+        return kwargs
+
+    def run(image_source):
+        return pipeline(
+            prompt=_pil_prompt(fixture_paths, info["prompt_layout"]), decoding="reference",
+            max_new_tokens=config["num_words"], min_word_tokens=config["min_word_tokens"],
+            gen_scale_factor=config["gen_scale_factor"], ret_scale_factor=config["ret_scale_factor"],
+            image_source=image_source, generator=torch.Generator().manual_seed(0), guidance_scale=7.5,
+            num_inference_steps=50, output_type="np", callback_on_step_end=record,
+        )
+
+    out = run("auto")  # both decisions here are "retrieve": SD does not run
+    assert out.image_sources[0] == (["retrieved"] if case != "c_free" else [])
+    # The reference returns the answer up to its first [IMG] block (max_num_rets=1): the pipeline's
+    # answer is exactly that prefix of the reference's generated ids.
+    generated = info["generated_ids"]
+    img0 = pipeline.gill_model.config.img_token_ids[0]
+    end = generated.index(img0) + 8 if img0 in generated else len(generated)
+    assert out.token_ids[0] == generated[:end]
+    if case == "c_free":
+        assert out.images[0] == [] and out.prompt_embeds[0].shape[0] == 0
+        return
+    scale = pipeline.gill_model.logit_scale.exp()
+    _close(out.prompt_embeds[0][0, :16], tensors[f"gen.{case}.mapper_out.rows_0_16"][0], "pipeline mapper output")
+    assert out.retrieval_indices[0][0].tolist() == tensors[f"gen.{case}.ret_topk_idx"].tolist()
+    _close(out.retrieval_scores[0][0] * scale, tensors[f"gen.{case}.ret_topk_scores"], "pipeline retrieval scores")
+    _close(out.decision_probs[0][0], tensors[f"gen.{case}.decision4096_probs"][0], "pipeline decision")
+    if case == "a_forced_img":  # SD's 50 PNDM steps from the same seed, compared once
+        latents.clear()
+        out = run("generated")
+        _close(latents[-1], tensors[f"gen.{case}.sd_latents_final"], "SD latents after the last step")
+        image = torch.from_numpy(out.images[0][0] * 255).round()
+        assert (image - tensors[f"gen.{case}.sd_image_uint8"].float()).abs().max() <= 2
