@@ -219,6 +219,12 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         vision_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
+        # `GillConfig(text_config=lm.config)` shares the backbone's config object and leaves its
+        # attention implementation unset; without one, a cached decoding step attends differently
+        # from a full forward (sdpa's causal flag on a 1-token query), so give it the composite's.
+        for sub_config in (config.text_config, config.vision_config):
+            if getattr(sub_config, "_attn_implementation", None) is None:
+                sub_config._attn_implementation = config._attn_implementation
         if config.img_token_ids is None:
             raise ValueError("`config.img_token_ids` is not set: build the config from a GillProcessor's tokenizer.")
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)

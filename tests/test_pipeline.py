@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from gill_hf import GillProcessor
+from gill_hf import GillForConditionalGeneration, GillProcessor
 from gill_hf.pipelines import GillPipeline, GillPipelineOutput
 from gill_hf.pipelines.decoding_gill import GillDecodingOptions, gill_decode
 from tiny_models import tiny_gill
@@ -164,6 +164,29 @@ def test_greedy_cached_decoding_equals_a_full_rerun_loop(tmp_path, mode, steps):
     assert out.token_ids[0] == tokens
     assert tokens.count(pipe.gill_model.config.img_token_ids[0]) == 1 and out.text[0].count("<image>") == 1
     torch.testing.assert_close(out.prompt_embeds[0], prompt_embeds, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_built_around_an_existing_lm_decodes_with_the_cache_as_without(tmp_path):
+    """`GillConfig(text_config=lm.config)` (as `from_pretrained_backbones` builds it) must not leave
+    the LM without an attention implementation: cached steps then attended differently."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from gill_hf import GillConfig
+    from tiny_models import IMAGE_TOKEN_ID, IMG_TOKEN_IDS, text_config, vision_config
+
+    torch.manual_seed(0)
+    lm, vision = LlamaForCausalLM(text_config("llama")).eval(), CLIPVisionModel(vision_config()).eval()
+    config = GillConfig(text_config=lm.config, vision_config=vision.config, img_token_ids=IMG_TOKEN_IDS,
+                        image_token_id=IMAGE_TOKEN_ID, vocab_size=309, gen_emb_dim=GEN_DIM, num_clip_tokens=CLIP_TOKENS)
+    model = GillForConditionalGeneration(config, language_model=lm, vision_model=vision).eval()
+    assert lm.config._attn_implementation is not None
+    ids = torch.randint(3, 300, (1, 12), generator=seeded(0)[0])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        for step in range(6):
+            full = model(input_ids=out.sequences[:, : 12 + step], use_cache=True).logits[0, -1]
+            torch.testing.assert_close(out.logits[step][0], full, atol=1e-5, rtol=1e-5)
 
 
 def test_reference_mode_keeps_the_image_token_as_a_candidate_and_default_mode_never_picks_it(tmp_path):
