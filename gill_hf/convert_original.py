@@ -203,6 +203,7 @@ def convert_original(
     text_model: Any = None,
     vision_model: Any = None,
     form: str = "adapter",
+    sd_model: Any = None,
     tokenizer=None,
     image_processor=None,
     text_config=None,
@@ -211,7 +212,8 @@ def convert_original(
 ) -> Path:
     r"""
     Converts an original GILL folder into a model folder (config, weights, processor, and the
-    retrieval index in `retrieval_index/` when the folder has one).
+    retrieval index in `retrieval_index/` when the folder has one), or, given `sd_model`, into a
+    complete `GillPipeline` folder.
 
     Args:
         original_dir: holds `model_args.json`, `pretrained_ckpt.pth.tar`, optionally
@@ -219,6 +221,8 @@ def convert_original(
         text_model / vision_model: backbone references (hub id, folder or reference dict); default
             to the names in `model_args.json`.
         form: `"adapter"` (GILL tensors + backbone references) or `"full"` (backbones included).
+        sd_model: a Stable Diffusion folder or repo id; the output is then a pipeline folder
+            (the backbones are loaded to assemble it).
         tokenizer / image_processor: override loading them from the backbones.
         text_config / vision_config: backbone configs, to convert without reading the backbones
             (adapter form only).
@@ -260,8 +264,10 @@ def convert_original(
     converted.update(decision_state)
     converted = {key: tensor.to(dtype) for key, tensor in converted.items()}
 
+    processor = _processor(tokenizer, image_processor, vision_model, config)
+    index = _retrieval_index(original_dir)
     with atomic_directory(output_dir) as staging:
-        if form == "adapter":
+        if form == "adapter" and sd_model is None:
             skeleton.load_state_dict(converted, strict=False, assign=True)
             config.save_pretrained(staging)
             save_adapter_weights(skeleton, staging)
@@ -269,26 +275,33 @@ def convert_original(
             language_model, vision = GillForConditionalGeneration._load_backbones(text_model, vision_model)
             model = GillForConditionalGeneration(config, language_model=language_model, vision_model=vision)
             model.load_state_dict(converted, strict=False)
+            if sd_model is not None:
+                from .pipelines import GillPipeline
+
+                pipeline = GillPipeline.from_sd_and_gill(sd_model, model.eval(), processor, retrieval_index=index)
+                pipeline.save_pretrained(staging)
+                return output_dir
             model.save_pretrained(staging)
-        _save_processor(staging, tokenizer, image_processor, vision_model, config)
-        _save_retrieval_index(staging, original_dir)
+        processor.save_pretrained(staging)
+        if index is not None:
+            index.save_pretrained(staging / "retrieval_index")
     return output_dir
 
 
-def _save_processor(folder: Path, tokenizer, image_processor, vision_model, config: GillConfig) -> None:
+def _processor(tokenizer, image_processor, vision_model, config: GillConfig):
     from .processing_gill import GillProcessor
 
     if image_processor is None:
         source, extra = resolve_backbone(vision_model)
         image_processor = AutoImageProcessor.from_pretrained(source, **extra)
-    GillProcessor(image_processor, tokenizer, num_img_tokens=config.num_img_tokens,
-                  num_visual_tokens=config.num_visual_tokens).save_pretrained(folder)
+    return GillProcessor(image_processor, tokenizer, num_img_tokens=config.num_img_tokens,
+                         num_visual_tokens=config.num_visual_tokens)
 
 
-def _save_retrieval_index(folder: Path, original_dir: Path) -> None:
+def _retrieval_index(original_dir: Path):
     files = sorted(glob.glob(str(original_dir / RETRIEVAL_GLOB)))
     if not files:
-        return
+        return None
     from .retrieval import GillRetrievalIndex
 
     paths, embeddings = [], []
@@ -296,7 +309,7 @@ def _save_retrieval_index(folder: Path, original_dir: Path) -> None:
         file_paths, file_embeddings = load_retrieval_embeddings(file)
         paths += file_paths
         embeddings.append(file_embeddings)
-    GillRetrievalIndex.from_embeddings(torch.cat(embeddings), references=paths).save_pretrained(folder / "retrieval_index")
+    return GillRetrievalIndex.from_embeddings(torch.cat(embeddings), references=paths)
 
 
 def register(subparsers) -> None:
@@ -306,10 +319,11 @@ def register(subparsers) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--text-model", help="hub id or folder of the LM (default: model_args.json's opt_version)")
     parser.add_argument("--vision-model", help="hub id or folder of the vision tower (default: model_args.json's visual_encoder)")
+    parser.add_argument("--sd-model", help="Stable Diffusion folder or hub id: write a complete pipeline folder")
     parser.add_argument("--form", choices=["adapter", "full"], default="adapter")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.set_defaults(func=lambda a: print(convert_original(
-        a.original_dir, a.output_dir, text_model=a.text_model, vision_model=a.vision_model, form=a.form,
+        a.original_dir, a.output_dir, text_model=a.text_model, vision_model=a.vision_model, form=a.form, sd_model=a.sd_model,
         dtype=getattr(torch, a.dtype))))
 
 

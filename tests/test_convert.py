@@ -193,3 +193,15 @@ def _release_shape(name: str, shape: tuple) -> tuple:
         "model.ret_text_hidden_fcs.0.model.bias": (256,),
     }
     return release.get(name, shape)
+
+
+def test_command_line_conversion(fixture_paths, tmp_path):
+    from gill_hf.cli import main
+
+    main(["convert-original", fixture_paths["gill_ckpt"], str(tmp_path / "out"), "--text-model", fixture_paths["opt"],
+          "--vision-model", fixture_paths["clip"], "--dtype", "bfloat16"])
+    weights = load_file(tmp_path / "out" / "gill_adapter.safetensors")
+    assert weights["img_embeddings"].dtype == torch.bfloat16
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "gill_adapter.safetensors", "processor_config.json", "retrieval_index", "tokenizer.json",
+        "tokenizer_config.json"]

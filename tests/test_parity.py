@@ -227,13 +227,15 @@ def test_paper_era_decision_head_matches_the_derived_formula(reference, fixture_
 
 
 @pytest.fixture(scope="module")
-def pipeline(converted, fixture_paths, model):
-    from gill_hf import GillProcessor
+def pipeline(fixture_paths, tmp_path_factory):
+    """`convert-original --sd-model`: a complete pipeline folder, loaded back."""
+    from gill_hf.convert_original import convert_original
     from gill_hf.pipelines import GillPipeline
 
-    processor = GillProcessor.from_pretrained(converted)
-    index = GillRetrievalIndex.from_pretrained(converted / "retrieval_index")
-    return GillPipeline.from_sd_and_gill(fixture_paths["sd"], model, processor, retrieval_index=index)
+    out = tmp_path_factory.mktemp("pipeline") / "gill-pipeline"
+    convert_original(fixture_paths["gill_ckpt"], out, text_model=fixture_paths["opt"], vision_model=fixture_paths["clip"],
+                     sd_model=fixture_paths["sd"])
+    return GillPipeline.from_pretrained(out)
 
 
 def _pil_prompt(fixture_paths, layout):
