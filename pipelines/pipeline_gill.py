@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ModelMixin, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -28,6 +26,7 @@ from gill_hf.processing_gill import GillProcessor
 from gill_hf.retrieval import GillRetrievalIndex
 
 from .decoding_gill import DECODING_MODES, DecodedRow, GillDecodingOptions, GillTokenIds, gill_decode
+from .utils_gill import convert_image, encode_text, own_unaligned_memory
 
 IMAGE_SOURCES = ("auto", "generated", "retrieved")
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -153,7 +152,7 @@ class GillPipeline(DiffusionPipeline):
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
-                _own_unaligned_memory(component)
+                own_unaligned_memory(component)
         return pipe
 
     @classmethod
@@ -178,7 +177,7 @@ class GillPipeline(DiffusionPipeline):
         sd = stable_diffusion.components
         if sd.get("text_encoder") is None or sd.get("tokenizer") is None:
             raise ValueError("The Stable Diffusion pipeline needs its text_encoder and tokenizer to encode the unconditional prompt.")
-        uncond = _encode_text(sd["text_encoder"], sd["tokenizer"], [""])
+        uncond = encode_text(sd["text_encoder"], sd["tokenizer"], [""])
         stored = GillUnconditionalEmbedding(num_tokens=uncond.shape[1], embedding_dim=uncond.shape[2])
         stored.embeds.data.copy_(uncond.float())
         return cls(
@@ -238,6 +237,11 @@ class GillPipeline(DiffusionPipeline):
             raise ValueError(f"`image_source` must be one of {IMAGE_SOURCES}, got {image_source!r}.")
         if image_source == "retrieved" and self.retrieval_index is None:
             raise ValueError("`image_source='retrieved'` needs a `retrieval_index`; this pipeline has none.")
+        if self.retrieval_index is not None and image_source != "generated" and num_images_per_prompt > num_retrieved:
+            raise ValueError(
+                f"`num_images_per_prompt` ({num_images_per_prompt}) exceeds `num_retrieved` ({num_retrieved}): a retrieved "
+                "block shows its top `num_images_per_prompt` candidates; raise `num_retrieved`."
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if do_sample and not (decoding == "reference" and temperature == 0) and not temperature > 0:
@@ -315,11 +319,11 @@ class GillPipeline(DiffusionPipeline):
         if negative_prompt_embeds is not None:
             embeds = negative_prompt_embeds
         elif negative_prompt is not None:
-            embeds = _encode_text(self.text_encoder, self.tokenizer, [negative_prompt])
+            embeds = encode_text(self.text_encoder, self.tokenizer, [negative_prompt])
         elif self.unconditional_embedding is not None:
             embeds = self.unconditional_embedding.embeds
         elif self.text_encoder is not None and self.tokenizer is not None:
-            embeds = _encode_text(self.text_encoder, self.tokenizer, [""])
+            embeds = encode_text(self.text_encoder, self.tokenizer, [""])
         else:
             raise ValueError("No unconditional embedding: the pipeline has neither a stored `unconditional_embedding` nor an SD text encoder; pass `negative_prompt_embeds`.")
         if embeds.ndim != 3 or embeds.shape[1:] != (config.num_clip_tokens, config.gen_emb_dim):
@@ -488,7 +492,10 @@ class GillPipeline(DiffusionPipeline):
 
         # 4. Assemble, one entry per prompt.
         output = self._assemble(rows, blocks, num_images_per_prompt, output_type, decided)
-        return output if return_dict else output.to_tuple()
+        if return_dict:
+            return output
+        # Every field in declaration order (`to_tuple` would drop the None ones and shift the rest).
+        return tuple(getattr(output, name) for name in GillPipelineOutput.__dataclass_fields__)
 
     def _generate_images(
         self, blocks, generators, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
@@ -547,7 +554,7 @@ class GillPipeline(DiffusionPipeline):
 
         out = GillPipelineOutput(
             text=[self.processor.decode(row.token_ids) for row in rows],
-            images=[[_convert(img, output_type) for b in bs for img in b.images] for bs in per_prompt],
+            images=[[convert_image(img, output_type) for b in bs for img in b.images] for bs in per_prompt],
             image_sources=[[b.source for b in bs for _ in b.images] for bs in per_prompt],
             token_ids=[list(row.token_ids) for row in rows],
             prompt_embeds=[stack([b.prompt_embeds for b in bs], (0, config.num_clip_tokens, config.gen_emb_dim), 0.0) for bs in per_prompt],
@@ -565,41 +572,6 @@ class GillPipeline(DiffusionPipeline):
         if decided:
             out.decision_probs = [stack([b.decision for b in bs], (0, 2), 0.0).float() for bs in per_prompt]
         return out
-
-
-@torch.no_grad()
-def _own_unaligned_memory(module: torch.nn.Module, alignment: int = 64) -> None:
-    """Copies tensors that loading left at unaligned addresses (memory-mapped safetensors): CPU
-    kernels pick other code paths for them and results change in the last bits, so a reloaded
-    pipeline would not reproduce its images exactly. Aligned tensors keep their storage."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
-            tensor.data = tensor.data.clone()
-
-
-def _encode_text(text_encoder, tokenizer, texts: list[str]) -> torch.Tensor:
-    """SD's text conditioning of `texts` (padded to the tokenizer's max length, as SD does)."""
-    inputs = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    device = next(text_encoder.parameters()).device
-    mask = inputs.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    with torch.no_grad():
-        return text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
-
-
-def _convert(image, output_type: str):
-    """One image (a CHW float tensor in [0, 1] or a PIL image) in `output_type` form."""
-    if isinstance(image, PIL.Image.Image):
-        if output_type == "pil":
-            return image
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        return array if output_type == "np" else torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    image = image.detach().float().cpu()
-    if output_type == "pt":
-        return image
-    array = image.permute(1, 2, 0).numpy()
-    if output_type == "np":
-        return array
-    return PIL.Image.fromarray((array * 255).round().astype(np.uint8))
 
 
 __all__ = ["GillPipeline", "GillPipelineOutput", "GillUnconditionalEmbedding"]

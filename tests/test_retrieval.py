@@ -179,6 +179,12 @@ def test_retrieval_scores_equal_the_index_search_and_no_image_repeats_within_an_
     assert all(np.array_equal(np.asarray(a), b) for a, b in zip(out.images[0], expected))
 
 
+def test_more_images_per_block_than_retrieved_candidates_is_an_error(tmp_path):
+    pipe = retrieval_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="num_retrieved"):
+        pipe(prompt="A dog", num_images_per_prompt=4, **BLOCKS)
+
+
 def test_hidden_and_score_head_gets_the_scaled_best_score(tmp_path):
     pipe = retrieval_pipeline(tmp_path, head="hidden_and_score")
     out = pipe(prompt="A dog", **{**BLOCKS, "max_images": 1})
