@@ -426,6 +426,12 @@ def test_stored_unconditional_embedding_is_sds_encoding_of_the_empty_prompt(tmp_
         (dict(prompt="A dog", max_new_tokens=200), ValueError, "context"),
         (dict(prompt="A dog", negative_prompt="blurry"), ValueError, "negative_prompt"),
         (dict(prompt="A dog", callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback"),
+        (dict(prompt=["A dog", PIL.Image.new("RGB", (0, 4))]), ValueError, "zero-size"),
+        (dict(prompt=["A dog", PIL.Image.new("I;16", (8, 8))]), ValueError, "16/32-bit"),
+        (dict(prompt=["A dog", torch.full((3, 8, 8), float("nan"))]), ValueError, "NaN"),
+        (dict(prompt=["A dog", torch.full((3, 8, 8), 2.0)]), ValueError, r"\[0, 1\]"),
+        (dict(prompt=["A dog", np.zeros((8, 8, 4), dtype=np.uint8)]), ValueError, "shape"),
+        (dict(prompt="A dog <image>", prompt_images=["not an image"]), TypeError, "expected"),
     ],
 )
 def test_bad_input_raises_clear_errors(tmp_path, kwargs, error, match):
