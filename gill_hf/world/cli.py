@@ -39,14 +39,15 @@ def _train_vae(a: argparse.Namespace) -> None:
     from .sd import train_vae
 
     print(train_vae(steps=a.steps, seed=a.seed, threads=a.threads, out_dir=a.output_dir,
-                    resume=not a.no_resume))
+                    resume=not a.no_resume, decoder_only=a.decoder_only, lr=a.lr))
 
 
 def _train_unet(a: argparse.Namespace) -> None:
     from .sd import train_unet
 
     print(train_unet(steps=a.steps, seed=a.seed, threads=a.threads, out_dir=a.output_dir,
-                     resume=not a.no_resume, clip_dir=a.clip_dir, vae_dir=a.vae_dir))
+                     resume=not a.no_resume, clip_dir=a.clip_dir, vae_dir=a.vae_dir,
+                     max_minutes=a.max_minutes))
 
 
 def _evaluate(a: argparse.Namespace) -> None:
@@ -84,12 +85,17 @@ def register_world_commands(subparsers) -> None:
 
     p = subparsers.add_parser("train-vae", help="train the world SD's AutoencoderKL")
     _common(p, steps=1500)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--decoder-only", action="store_true",
+                   help="continue a trained VAE with the encoder frozen (latents unchanged)")
     p.set_defaults(func=_train_vae)
 
     p = subparsers.add_parser("train-unet", help="train the world SD's UNet (needs clip + vae)")
     _common(p, steps=6000)
     p.add_argument("--clip-dir", default=None)
     p.add_argument("--vae-dir", default=None)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (and save) after this much wall time; the card records the steps")
     p.set_defaults(func=_train_unet)
 
     p = subparsers.add_parser("evaluate", help="measure the shipped models' acceptance metrics")

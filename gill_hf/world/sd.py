@@ -60,16 +60,28 @@ def reconstruct(vae: AutoencoderKL, images: np.ndarray, bs: int = 256) -> np.nda
 
 def train_vae(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
               n_train: int = 60000, kl_weight: float = 1e-6, threads: int = 1,
-              out_dir: str | Path | None = None, resume: bool = True) -> dict:
+              out_dir: str | Path | None = None, resume: bool = True,
+              decoder_only: bool = False) -> dict:
+    """Train the VAE; `decoder_only` continues a trained VAE (read from out_dir) with its
+    encoder frozen, so the latent space (and a UNet trained on it) stays valid while the
+    reconstructions sharpen."""
     set_threads(threads)
     seed_everything(seed)
     t_start = time.time()
     data = generate_arrays(n_train, "train", seed)
     x_all = to_tensor(data["images"])
-    vae = make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    out = Path(out_dir or cache_dir() / "vae")
+    if decoder_only:
+        vae = AutoencoderKL.from_pretrained(str(out), torch_dtype=torch.float32)
+        scaling = vae.config.scaling_factor
+        vae.encoder.requires_grad_(False); vae.quant_conv.requires_grad_(False)
+        params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    else:
+        vae = make_vae()
+        params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    ckpt = Checkpoint(f"vae-s{seed}", every_s=120)
+    ckpt = Checkpoint(f"vae{'-dec' if decoder_only else ''}-s{seed}", every_s=120)
     g = torch.Generator().manual_seed(seed)
     step, hist, elapsed = ckpt.restore(vae, opt, sched, g, {"loss": [], "val_psnr": []}, resume)
     val = generate_arrays(500, "validation", seed + 1)
@@ -79,7 +91,12 @@ def train_vae(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: i
         vae.train()
         idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
         x = x_all[idx]
-        post = vae.encode(x).latent_dist
+        if decoder_only:
+            vae.encoder.eval()
+            with torch.no_grad():
+                post = vae.encode(x).latent_dist
+        else:
+            post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         # MSE drives PSNR; L1 sharpens the flat-colour edges.
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + kl_weight * post.kl().mean()
@@ -97,22 +114,24 @@ def train_vae(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: i
     bar.close()
     wall = time.time() - t0
     vae.eval()
-    # SD's scaling factor makes latents unit-variance for the UNet.
-    with torch.no_grad():
-        z = vae.encode(x_all[:2000]).latent_dist.mode()
-    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    out = Path(out_dir or cache_dir() / "vae")
+    if decoder_only:
+        vae.register_to_config(scaling_factor=scaling)
+    else:  # SD's scaling factor makes latents unit-variance for the UNet.
+        with torch.no_grad():
+            z = vae.encode(x_all[:2000]).latent_dist.mode()
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     out.mkdir(parents=True, exist_ok=True)
     vae.to(torch.float16).save_pretrained(str(out))
     vae.float()
-    plot_curves(out / "training_curve.png", {"loss (smoothed)": smooth(hist["loss"])},
-                "world VAE loss", log_y=True)
+    plot_curves(out / f"training_curve_vae{'_decoder' if decoder_only else ''}.png",
+                {"loss (smoothed)": smooth(hist["loss"])}, "world VAE loss", log_y=True)
     metrics = vae_report(vae, seed)
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "n_train": n_train,
             "kl_weight": kl_weight, "scaling_factor": vae.config.scaling_factor,
             "train_wall_s": round(wall, 1), "total_wall_s": round(time.time() - t_start, 1),
-            "threads": threads, "metrics": metrics, "val_psnr_curve": hist["val_psnr"]}
-    write_json(out / "training_info.json", info)
+            "threads": threads, "metrics": metrics, "val_psnr_curve": hist["val_psnr"],
+            "decoder_only": decoder_only}
+    write_json(out / f"training_info_vae{'_decoder' if decoder_only else ''}.json", info)
     return info
 
 
@@ -180,7 +199,13 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
                n_train: int = 20000, threads: int = 1, out_dir: str | Path | None = None,
                resume: bool = True, clip_dir: str | Path | None = None,
                vae_dir: str | Path | None = None, eval_every: int = 1500,
-               ema_decay: float = 0.999) -> dict:
+               ema_decay: float = 0.999, max_minutes: float | None = None) -> dict:
+    """Train the UNet on frozen CLIP text states and frozen VAE latents.
+
+    Constant learning rate after a 200-step warm-up, with an EMA of the weights: a run cut
+    by `max_minutes` (the shared CPU's speed varies 3x) is then the same as a shorter run,
+    and `--steps <reached>` reproduces it.
+    """
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from .evaluate import sd_report
@@ -210,7 +235,7 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
     ema.requires_grad_(False)
     noise_sched = make_scheduler("ddpm")
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ckpt = Checkpoint(f"unet-s{seed}", every_s=180)
     g = torch.Generator().manual_seed(seed)
     step, hist, elapsed = ckpt.restore(unet, opt, sched, g, {"loss": [], "evals": []}, resume)
@@ -218,7 +243,8 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
         ema.load_state_dict(hist.pop("ema"))
     t0 = time.time() - elapsed
     bar = progress(steps, step, "unet")
-    while step < steps:
+    deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
+    while step < steps and time.time() < deadline:
         unet.train()
         idx = torch.randint(0, len(inputs["cond"]), (batch_size,), generator=g)
         z0 = (inputs["mean"][idx] + inputs["std"][idx] * torch.randn(inputs["mean"][idx].shape, generator=g)) * sf
@@ -241,17 +267,20 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
                 pe.lerp_(p, 1 - d)
         hist["loss"].append((step, loss.item()))
         bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % eval_every == 0 or step == steps:
+        if step % eval_every == 0:
             pipe = build_pipeline(ema.eval(), vae, clip_dir)
             pipe.set_progress_bar_config(disable=True)
             r = sd_report(pipe, n=64, steps=25, guidance=4.0, seed=seed, splits=("validation",))
             hist["evals"].append((step, r["validation"]))
             bar.write(f"step {step} judged (EMA) {r['validation']}")
-        if step == steps or step % 500 == 0:  # EMA travels inside the checkpoint's history
+        if step % 500 == 0:  # EMA travels inside the checkpoint's history
             hist["ema"] = ema.state_dict()
             ckpt.snapshot(unet, opt, sched, g, step, hist, t0, force=True)
             hist.pop("ema")
     bar.close()
+    hist["ema"] = ema.state_dict()
+    ckpt.snapshot(unet, opt, sched, g, step, hist, t0, force=True)
+    hist.pop("ema")
     wall = time.time() - t0
     out = Path(out_dir or asset_path("sd"))
     pipe = build_pipeline(ema.eval(), vae, clip_dir)
@@ -262,7 +291,7 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
     plot_curves(out / "judged_accuracy.png",
                 {k: [(s, r[k]) for s, r in hist["evals"]] for k in ("colour", "shape", "position", "size")},
                 "judged accuracy during training (100 val captions, 25 steps, cfg 4)")
-    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "n_train": n_train,
+    info = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "n_train": n_train,
             "cfg_dropout": CFG_DROPOUT, "ema_decay": ema_decay, "schedule": SCHEDULE, "train_wall_s": round(wall, 1),
             "total_wall_s": round(time.time() - t_start, 1), "threads": threads,
             "evals": hist["evals"]}
