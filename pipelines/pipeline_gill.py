@@ -103,7 +103,8 @@ class GillPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "gill_model->text_encoder->unet->vae"
     _optional_components = ["text_encoder", "tokenizer", "safety_checker", "feature_extractor", "retrieval_index", "unconditional_embedding"]
-    _exclude_from_cpu_offload = ["safety_checker"]
+    # Read directly, never through forward, so offload hooks would leave them on the meta device.
+    _exclude_from_cpu_offload = ["safety_checker", "retrieval_index", "unconditional_embedding"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
