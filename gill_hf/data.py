@@ -240,6 +240,23 @@ def prepare_hf_dataset(dataset, image_column: str = "image", caption_column: str
     return dataset.rename_columns(renames) if renames else dataset
 
 
+def _module_fingerprint(module: torch.nn.Module, *extra: str) -> str:
+    """A deterministic fingerprint of a module's weights (plus `extra`), so that `datasets.map`
+    reuses its cache across runs without dill-hashing the whole model through the closure."""
+    import hashlib
+
+    digest = hashlib.sha256("|".join(extra).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _fingerprint_kwargs(dataset, module: torch.nn.Module, *extra: str) -> dict:
+    fingerprint = getattr(dataset, "_fingerprint", None)  # map-style datasets only
+    return {"new_fingerprint": _module_fingerprint(module, fingerprint, *extra)} if fingerprint else {}
+
+
 @torch.no_grad()
 def encode_captions_for_sd(captions: list[str], text_encoder, tokenizer) -> torch.Tensor:
     """SD's prompt encoding as the reference's preprocessing: pad/truncate to the tokenizer's
@@ -259,6 +276,8 @@ def precompute_gen_targets(dataset, text_encoder, tokenizer, batch_size: int = 1
         embeds = encode_captions_for_sd(list(batch[caption_column]), text_encoder, tokenizer)
         return {target_column: embeds.float().cpu().numpy().astype(dtype)}
 
+    map_kwargs = {**_fingerprint_kwargs(dataset, text_encoder, "gen_targets", caption_column, target_column,
+                                        str(tokenizer.model_max_length), np.dtype(dtype).name), **map_kwargs}
     return dataset.map(encode, batched=True, batch_size=batch_size, **map_kwargs)
 
 
@@ -287,6 +306,8 @@ def cache_image_features(dataset, model, processor, batch_size: int = 64, image_
         return {features_column: out}
 
     removed = [image_column] if image_column in (getattr(dataset, "column_names", None) or []) else None
+    map_kwargs = {**_fingerprint_kwargs(dataset, model.vision_model, "image_features", image_column, features_column,
+                                        repr(processor.image_processor.to_dict())), **map_kwargs}
     dataset = dataset.map(encode, batched=True, batch_size=batch_size, remove_columns=removed, **map_kwargs)
     dataset = dataset.filter(lambda example: example[features_column] is not None)
     if bad:

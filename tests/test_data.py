@@ -167,3 +167,14 @@ def test_trainer_runs_on_a_streaming_dataset_with_a_corrupt_image(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     assert len(logs) == 2 and logs[-1]["skipped_examples"] == 1
     assert "gen_loss" not in logs[0] and "contrastive_loss" in logs[0]
+
+
+def test_precompute_fingerprints_follow_the_weights(tmp_path):
+    from gill_hf.data import _module_fingerprint
+
+    a, b = tiny_gill("opt", seed=0), tiny_gill("opt", seed=0)
+    assert _module_fingerprint(a.vision_model, "x") == _module_fingerprint(b.vision_model, "x")
+    with torch.no_grad():
+        b.vision_model.post_layernorm.bias.add_(1e-3)
+    assert _module_fingerprint(a.vision_model, "x") != _module_fingerprint(b.vision_model, "x")
+    assert _module_fingerprint(a.vision_model, "x") != _module_fingerprint(a.vision_model, "y")
