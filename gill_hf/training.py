@@ -190,6 +190,12 @@ class GillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        from .data import GillDataCollator
+
+        if isinstance(self.data_collator, GillDataCollator) and self.args.remove_unused_columns:
+            # Trainer would drop the raw caption/image columns the collator reads.
+            logger.warning("GillTrainer: setting `remove_unused_columns=False` (GillDataCollator reads raw columns).")
+            self.args.remove_unused_columns = False
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_counts: dict[str, int] = {}
         if self._gill_arg("rescale_img_rows", True):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -110,7 +111,9 @@ def test_parser_wiring_and_console_script():
     assert "train" in usage and "train-decision" in usage
     with pytest.raises(SystemExit):
         main(["train-decision", "--model_name_or_path", "x", "--prompts", "y", "--output_dir", "z", "--bogus"])
-    result = subprocess.run([sys.executable, "-m", "gill_hf.cli", "train", "--help"], capture_output=True, text=True, timeout=120)
+    script = Path(sys.executable).parent / "gill-hf"  # the console script pyproject declares
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gill_hf.cli"]
+    result = subprocess.run([*command, "train", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for flag in ("--train_tsv", "--concat_captions_prob", "--weight_decay_mode", "--lora_r", "--gradient_accumulation_steps"):
         assert flag in result.stdout, flag

@@ -178,3 +178,16 @@ def test_precompute_fingerprints_follow_the_weights(tmp_path):
         b.vision_model.post_layernorm.bias.add_(1e-3)
     assert _module_fingerprint(a.vision_model, "x") != _module_fingerprint(b.vision_model, "x")
     assert _module_fingerprint(a.vision_model, "x") != _module_fingerprint(a.vision_model, "y")
+
+
+def test_trainer_keeps_the_raw_columns_the_collator_reads(tmp_path):
+    from transformers import TrainingArguments
+
+    from gill_hf.training import GillTrainer
+
+    collator = GillDataCollator(processor(tmp_path), max_length=16)
+    plain = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none")
+    assert plain.remove_unused_columns
+    trainer = GillTrainer(model=tiny_gill("opt"), args=plain, data_collator=collator,
+                          train_dataset=datasets.Dataset.from_dict({"caption": CAPTIONS[:2], "image": [png_bytes(0)] * 2}))
+    assert not trainer.args.remove_unused_columns
