@@ -146,7 +146,11 @@ def run_train_decision(namespace: argparse.Namespace) -> dict:
     processor = GillProcessor.from_pretrained(namespace.processor_name_or_path or namespace.model_name_or_path)
     texts, labels = load_labelled_prompts(namespace.prompts)
     retrieval = None
-    if namespace.retrieval_embeddings:
+    if namespace.retrieval_embeddings and os.path.isdir(namespace.retrieval_embeddings):
+        from .retrieval import GillRetrievalIndex
+
+        retrieval = GillRetrievalIndex.from_pretrained(namespace.retrieval_embeddings).embeddings
+    elif namespace.retrieval_embeddings:
         retrieval = next(iter(load_file(namespace.retrieval_embeddings).values()))
     features = decision_features(model, processor, texts, namespace.head_type, retrieval)
     config = model.config
@@ -174,7 +178,8 @@ def register_decision_command(subparsers) -> None:
     p.add_argument("--output_dir", required=True, help="Where the model with its decision head is saved.")
     p.add_argument("--head_type", default="hidden", choices=DECISION_HEAD_TYPES,
                    help="'hidden' (Linear(hidden, 2)) or 'hidden_and_score' (Linear(hidden + 1, 2), needs --retrieval_embeddings).")
-    p.add_argument("--retrieval_embeddings", default=None, help="safetensors file holding the index's image embeddings (n, ret_emb_dim).")
+    p.add_argument("--retrieval_embeddings", default=None,
+                   help="A GillRetrievalIndex folder, or a safetensors file holding the index's image embeddings (n, ret_emb_dim).")
     p.add_argument("--num_train", type=int, default=None, help="First N prompts train (reference: 600), the rest evaluate.")
     p.add_argument("--eval_fraction", type=float, default=0.2, help="Held-out share when --num_train is not given.")
     p.add_argument("--steps", type=int, default=2000, help="Full-batch AdamW steps (reference: 2000).")

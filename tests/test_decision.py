@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from test_training import one_thread  # noqa: F401 (autouse: one torch thread)
 from tiny_models import tiny_gill
 from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
@@ -71,9 +70,11 @@ def test_train_decision_command_saves_and_reloads_both_variants(tmp_path, head_t
             "--output_dir", str(tmp_path / "out"), "--head_type", head_type]  # reference: 2000 steps, lr 1e-3
     index = None
     if head_type == "hidden_and_score":
+        from gill_hf.retrieval import GillRetrievalIndex
+
         index = torch.nn.functional.normalize(torch.randn(20, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
-        save_file({"embeddings": index}, str(tmp_path / "index.safetensors"))
-        argv += ["--retrieval_embeddings", str(tmp_path / "index.safetensors")]
+        GillRetrievalIndex.from_embeddings(index, references=[f"{i}.png" for i in range(20)]).save_pretrained(tmp_path / "index")
+        argv += ["--retrieval_embeddings", str(tmp_path / "index")]
     main(argv)
     metrics = json.loads((tmp_path / "out" / "decision_metrics.json").read_text())
     assert metrics["eval_macro_f1"] >= 0.9, metrics
