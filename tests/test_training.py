@@ -272,6 +272,8 @@ def test_retrieval_recall_metric_module_and_ties():
     # text 0 -> image 0 (right); text 1 -> image 2 (wrong); text 2 -> image 1 (wrong)
     assert result["t2i_r1"] == pytest.approx(1 / 3) and result["t2i_r5"] == 1.0
     assert result == retrieval_metrics(torch.tensor(text), torch.tensor(image))
+    l2 = evaluate.load(metric_path("generation_l2"))
+    assert l2.compute(predictions=[[[3.0, 4.0], [0.0, 1.0]]], references=[[[0.0, 0.0], [0.0, 0.0]]])["gen_l2"] == 3.0
     constant = retrieval_metrics(torch.ones(4, 3), torch.ones(4, 3))
     assert constant["t2i_r1"] == 0.0 and constant["i2t_r5"] == 1.0  # ties rank the right image last
 
