@@ -211,6 +211,8 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
     #: Maps a backbone reference (a hub id, path or embedded-artifact dict) to what
     #: `from_pretrained` accepts. `gill_hf` installs a resolver that also knows embedded artifacts.
     backbone_resolver: Callable[[Any], tuple[str, dict]] = staticmethod(lambda ref: (ref, {}))
+    #: The Hub push (`gill_hf.hub.push_to_hub`), installed by `gill_hf`.
+    hub_pusher: Callable[..., Any] | None = None
 
     def __init__(
         self,
@@ -703,6 +705,16 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
             else:
                 self.config.save_pretrained(staging)
                 save_adapter_weights(self, staging)
+
+    def push_to_hub(self, repo_id: str, *, form: str | None = None, api=None, **kwargs) -> Any:
+        r"""
+        Saves (in `form`: `None` chooses adapter whenever both backbones have references, else
+        full), renders the model card from the package's `model_card.md` and uploads once through
+        `api` (a `huggingface_hub.HfApi` by default; tests pass a folder-backed fake).
+        """
+        if self.hub_pusher is None:
+            raise RuntimeError("`push_to_hub` is provided by the gill_hf package: `import gill_hf` first.")
+        return self.hub_pusher(self, repo_id, form=form, api=api, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, text_model: Any = None, vision_model: Any = None, **kwargs):
