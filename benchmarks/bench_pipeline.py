@@ -163,8 +163,8 @@ def bench_pipeline(dtype: torch.dtype, steps: int) -> None:
     vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=8, layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
     negative = torch.zeros(1, model.config.num_clip_tokens, model.config.gen_emb_dim)
-    pipe = GillPipeline(gill_model=model, processor=processor, vae=vae, unet=unet, scheduler=DDIMScheduler(clip_sample=False))
-    sd = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(clip_sample=False),
+    pipe = GillPipeline(gill_model=model, processor=processor, vae=vae, unet=unet, scheduler=DDIMScheduler(clip_sample=False, steps_offset=1))
+    sd = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     for p in (pipe, sd):
         p.set_progress_bar_config(disable=True)
