@@ -7,6 +7,7 @@ access (`from gill_hf import GillPipeline` works as usual).
 """
 
 import importlib
+import os
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
@@ -21,6 +22,15 @@ AutoModel.register(GillConfig, GillForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(GillConfig, GillProcessor, exist_ok=True)
 GillForConditionalGeneration.backbone_resolver = staticmethod(resolve_backbone)
 GillForConditionalGeneration.hub_pusher = staticmethod(push_to_hub)
+
+
+def _load_lora_if_present(model: GillForConditionalGeneration, folder: str) -> None:
+    # LoRA layers trained by GillTrainer live in `lora/` beside the adapter weights.
+    if os.path.isfile(os.path.join(folder, "lora", "adapter_config.json")):
+        importlib.import_module("gill_hf.training").load_lora(model, folder)
+
+
+GillForConditionalGeneration.adapter_extension_loader = staticmethod(_load_lora_if_present)
 
 __version__ = "0.1.0"
 

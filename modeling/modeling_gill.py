@@ -213,6 +213,9 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
     backbone_resolver: Callable[[Any], tuple[str, dict]] = staticmethod(lambda ref: (ref, {}))
     #: The Hub push (`gill_hf.hub.push_to_hub`), installed by `gill_hf`.
     hub_pusher: Callable[..., Any] | None = None
+    #: Called as `(model, folder)` after an adapter checkpoint loads, for what the package stores
+    #: beside GILL's tensors (LoRA layers of the LM); installed by `gill_hf`.
+    adapter_extension_loader: Callable[[Any, str], Any] | None = None
 
     def __init__(
         self,
@@ -749,6 +752,8 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         _check_backbone_sizes(config, language_model.config, vision.config)
         model = cls(config, language_model=language_model, vision_model=vision)
         load_adapter_weights(model, adapter_file)
+        if cls.adapter_extension_loader is not None:
+            cls.adapter_extension_loader(model, os.path.dirname(adapter_file))
         model._own_head_memory(device=language_model.get_input_embeddings().weight.device)
         return model.eval()
 

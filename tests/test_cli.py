@@ -15,6 +15,7 @@ from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
 
 from gill_hf import GillProcessor
 from gill_hf.cli import build_parser, main
+from gill_hf import GillForConditionalGeneration
 from gill_hf.training import LOSS_KEYS, GillTrainer, apply_lora, load_lora
 
 SUBJECTS = ["A dog", "The cat", "A red car", "Two birds", "An old man", "The small house", "A girl", "My friend"]
@@ -104,6 +105,15 @@ def test_lora_trains_only_lora_and_gill_weights_and_reloads(tmp_path):
     with torch.no_grad():
         a, b = model(**batch), reloaded(**batch)
     assert torch.equal(a.loss, b.loss) and torch.equal(a.text_logits, b.text_logits)
+    # `from_pretrained` of the adapter form brings the LoRA layers back by itself.
+    base = tiny_gill("llama", seed=0)
+    base.language_model.save_pretrained(tmp_path / "lm")
+    base.vision_model.save_pretrained(tmp_path / "vision")
+    loaded = GillForConditionalGeneration.from_pretrained(tmp_path / "saved", text_model=str(tmp_path / "lm"),
+                                                          vision_model=str(tmp_path / "vision"))
+    assert any(".lora_" in n for n, _ in loaded.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).text_logits, a.text_logits)
 
 
 def test_parser_wiring_and_console_script():
