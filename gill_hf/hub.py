@@ -2,9 +2,9 @@
 from the package's `model_card.md` and uploads everything in a single commit.
 
 The Hub API object is a parameter (`huggingface_hub.HfApi` by default) so tests can pass a
-folder-backed fake. `GillForConditionalGeneration.push_to_hub` is installed from `gill_hf`
-(`modeling/` imports nothing of the package) as `model_push_to_hub`; `GillPipeline.push_to_hub`
-calls `push_to_hub` directly.
+folder-backed fake. `GillForConditionalGeneration.push_to_hub` reaches `push_to_hub` through the
+`hub_pusher` hook that `gill_hf` installs (`modeling/` imports nothing of the package);
+`GillPipeline.push_to_hub` calls it directly.
 """
 
 from __future__ import annotations
@@ -131,10 +131,4 @@ def push_to_hub(
         )
 
 
-def model_push_to_hub(self, repo_id: str, *, form: str | None = None, api=None, **kwargs) -> Any:
-    """`GillForConditionalGeneration.push_to_hub(repo_id, *, form=None, api=None, ...)`: installed
-    from `gill_hf/__init__.py` over the inherited method; see [`push_to_hub`]."""
-    return push_to_hub(self, repo_id, api=api, form=form, **kwargs)
-
-
-__all__ = ["base_models", "choose_form", "model_push_to_hub", "push_to_hub", "render_model_card"]
+__all__ = ["base_models", "choose_form", "push_to_hub", "render_model_card"]

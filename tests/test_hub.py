@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from gill_hf import GillForConditionalGeneration
-from gill_hf.hub import choose_form, model_push_to_hub, push_to_hub
+from gill_hf.hub import choose_form, push_to_hub
 from gill_hf.pipelines import GillPipeline
 from test_pipeline import FAST, one_thread, seed_hf_cache, seeded, tiny_pipeline, tiny_processor  # noqa: F401
 from tiny_models import tiny_gill
@@ -79,13 +79,11 @@ def test_model_push_chooses_the_form_and_names_base_models(tmp_path):
     assert card.data.library_name == "gill-hf" and "adapter-checkpoint" in card.data.tags
 
 
-def test_model_push_to_hub_hook_delegates(tmp_path, monkeypatch):
-    # gill_hf/__init__.py installs this over the inherited method; install it here the same way.
-    monkeypatch.setattr(GillForConditionalGeneration, "push_to_hub", model_push_to_hub)
+def test_model_push_to_hub_goes_through_the_installed_hook(tmp_path):
     api = FolderHubApi(tmp_path / "hub")
     tiny_gill("opt").push_to_hub("org/hooked", form="full", api=api)
     assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
-    assert (tmp_path / "hub/org/hooked/README.md").is_file()
+    assert "full-checkpoint" in card_of(tmp_path / "hub/org/hooked").data.tags
 
 
 def test_bad_push_arguments(tmp_path):
