@@ -153,6 +153,7 @@ class GillLogitsProcessor(LogitsProcessor):
         scores = scores.clone()
         img0 = state.ids.img_token_ids[0]
         n_img = state.num_img_tokens
+        self.always_masked = self.always_masked.to(scores.device)
         for b, row in enumerate(state.rows):
             if row.finished or row.extra:
                 continue
@@ -161,7 +162,7 @@ class GillLogitsProcessor(LogitsProcessor):
                 scores[b].fill_(float("-inf"))
                 scores[b, forced] = 0.0
                 continue
-            scores[b].masked_fill_(self.always_masked.to(scores.device), float("-inf"))
+            scores[b].masked_fill_(self.always_masked, float("-inf"))
             step = row.ref_steps if options.reference else row.generated
             allow_img0 = step >= options.min_word_tokens
             if not options.reference:

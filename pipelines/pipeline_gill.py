@@ -506,6 +506,11 @@ class GillPipeline(DiffusionPipeline):
         prompt_embeds = torch.stack([b.prompt_embeds for b in blocks]).to(device=device, dtype=dtype)
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         negative_prompt_embeds = self.encode_negative_prompt(negative_prompt, negative_prompt_embeds, device, dtype)
+        if negative_prompt_embeds.shape[0] not in (1, prompt_embeds.shape[0]):
+            raise ValueError(
+                f"`negative_prompt_embeds` holds {negative_prompt_embeds.shape[0]} embeddings; expected 1 or one per "
+                f"generated image ({prompt_embeds.shape[0]})."
+            )
         negative_prompt_embeds = negative_prompt_embeds.expand(prompt_embeds.shape[0], -1, -1)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
