@@ -291,6 +291,42 @@ def decision_prompts(n: int, seed: int = 0, index_dataset=None) -> list[tuple[st
     return out
 
 
+def train_decision(model_dir: str | os.PathLike, output_dir: str | os.PathLike, num_prompts: int = 800,
+                   num_train: int = 600, seed: int = 0) -> dict:
+    """Both decision heads with `gill-hf train-decision` on world prompts labelled by whether the
+    described scene is in the retrieval set. Writes <output_dir>/{prompts.tsv, retrieval_embeddings
+    .safetensors, hidden/, hidden_and_score/} and returns both heads' metrics."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..cli import main as gill_main
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = load_gill_tiny(model_dir)
+    dataset = retrieval_dataset()
+    index = build_retrieval_index(model, processor, dataset)
+    embeddings = output_dir / "retrieval_embeddings.safetensors"
+    save_file({"embeddings": index.embeddings.float().contiguous()}, str(embeddings))
+    del model
+    prompts = decision_prompts(num_prompts, seed=seed, index_dataset=dataset)
+    with open(output_dir / "prompts.tsv", "w", encoding="utf-8") as handle:
+        handle.write("text\tdecision\n")
+        for text, decision, _ in prompts:
+            handle.write(f"{text}\t{decision}\n")
+    metrics = {}
+    for head in ("hidden", "hidden_and_score"):
+        argv = ["train-decision", "--model_name_or_path", str(model_dir), "--prompts", str(output_dir / "prompts.tsv"),
+                "--output_dir", str(output_dir / head), "--head_type", head, "--num_train", str(num_train)]
+        if head == "hidden_and_score":
+            argv += ["--retrieval_embeddings", str(embeddings)]
+        print("[gill-tiny] gill-hf " + " ".join(argv), flush=True)
+        gill_main(argv)
+        metrics[head] = json.loads((output_dir / head / "decision_metrics.json").read_text())
+    (output_dir / "decision_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
 # ----- command line ---------------------------------------------------------------------------------------
 
 
@@ -316,6 +352,14 @@ def _cmd_train(ns) -> None:
         argv += ["--resume_from_checkpoint", ns.resume_from_checkpoint]
     print("[gill-tiny] gill-hf train " + " ".join(shlex.quote(a) for a in argv), flush=True)
     gill_main(["train", *argv])
+
+
+def _cmd_decision(ns) -> None:
+    import torch
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    print(json.dumps(train_decision(ns.model, ns.output_dir, ns.num_prompts, ns.num_train), indent=1))
 
 
 def _cmd_export(ns) -> None:
@@ -347,6 +391,14 @@ def register(subparsers) -> None:
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--resume-from-checkpoint", default=None)
         p.set_defaults(func=func)
+    p = sub.add_parser("decision", help="Both decision heads (gill-hf train-decision) on world prompts labelled by "
+                                        "whether the scene is in the retrieval set.")
+    p.add_argument("--model", default=str(GILL_TINY_DIR))
+    p.add_argument("--output-dir", default=str(work_dir() / "decision"))
+    p.add_argument("--num-prompts", type=int, default=800)
+    p.add_argument("--num-train", type=int, default=600)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_decision)
     p = sub.add_parser("export", help="Checkpoint -> the shipped fp16 adapter folder.")
     p.add_argument("checkpoint")
     p.add_argument("--output-dir", default=str(GILL_TINY_DIR))
