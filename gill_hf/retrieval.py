@@ -30,6 +30,10 @@ REFERENCES_NAME = "references.jsonl"
 DATASET_DIR = "dataset"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 _SAFETENSORS_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16), "BF16": (np.uint16, torch.bfloat16)}
+# A 16-bit scan can misjudge a cosine by ~1e-3 (the query's and the score's rounding): every entry
+# within this margin of the k-th best is re-scored in float32.
+_LOW_PRECISION_MARGIN = 1e-2
+_SHORTLIST = 256  # extra candidates a 16-bit scan keeps for exact re-scoring
 _SEARCH_SCORES = 1 << 26  # float32 scores per matmul (256 MiB): bounds the working set of batched queries
 
 
@@ -151,7 +155,9 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         self, query: torch.Tensor, k: int = 3, exclude: Iterable[int] | Sequence[Iterable[int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
-        Exact top-`k` by cosine similarity, computed in float32.
+        Exact top-`k` by cosine similarity against the stored embeddings, scored in float32. A
+        16-bit index is scanned in its own dtype (half the memory traffic of upcasting it) and its
+        best candidates re-scored in float32, so the result is the float32 one.
 
         Args:
             query (`torch.Tensor`): `(dim,)` or `(n, dim)`; normalised here.
@@ -176,14 +182,11 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         best_scores = torch.full((query.shape[0], 0), float("-inf"), device=query.device)
         best_indices = torch.zeros((query.shape[0], 0), dtype=torch.long, device=query.device)
         for start in range(0, n, chunk):
-            scores = query @ embeddings[start : start + chunk].float().T
-            for row, banned in enumerate(excluded):
-                local = [i - start for i in banned if start <= i < start + scores.shape[1]]
-                if local:
-                    scores[row, local] = float("-inf")
-            top = scores.topk(min(k, scores.shape[1]), dim=-1)
-            merged_scores = torch.cat([best_scores, top.values], dim=1)
-            merged_indices = torch.cat([best_indices, top.indices + start], dim=1)
+            block = embeddings[start : start + chunk]
+            banned = [[i - start for i in row if start <= i < start + block.shape[0]] for row in excluded]
+            values, indices = _exact_top_k(query, block, k, banned)
+            merged_scores = torch.cat([best_scores, values], dim=1)
+            merged_indices = torch.cat([best_indices, indices + start], dim=1)
             keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=-1).indices
             best_scores, best_indices = merged_scores.gather(1, keep), merged_indices.gather(1, keep)
         if best_scores.shape[1] < k:  # fewer entries than k
@@ -280,6 +283,34 @@ def _open_images(paths: Sequence[str]) -> list[PIL.Image.Image]:
         with PIL.Image.open(path) as image:
             images.append(image.convert("RGB"))
     return images
+
+
+def _exact_top_k(query: torch.Tensor, embeddings: torch.Tensor, k: int, banned: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top `k` (values, local indices) of float32 cosine scores, skipping each row's `banned`.
+    A 16-bit `embeddings` is scanned in its own dtype for single queries (half the memory traffic
+    of upcasting it); the scan's best candidates, every entry within `_LOW_PRECISION_MARGIN` of its
+    k-th best included, are then re-scored in float32, so the result is the float32 one."""
+    k = min(k, embeddings.shape[0])
+    if embeddings.dtype == torch.float32 or query.shape[0] > 1:  # a batch amortises the upcast
+        scores = query @ embeddings.float().T
+        for row, local in enumerate(banned):
+            scores[row, local] = float("-inf")
+        top = scores.topk(k, dim=-1)
+        return top.values, top.indices
+    coarse = (query.to(embeddings.dtype) @ embeddings.T).float()[0]
+    coarse[banned[0]] = float("-inf")
+    shortlist = coarse.topk(min(coarse.shape[0], k + _SHORTLIST))
+    threshold = shortlist.values[k - 1] - _LOW_PRECISION_MARGIN
+    candidates = shortlist.indices
+    if candidates.shape[0] < coarse.shape[0] and shortlist.values[-1] >= threshold:
+        candidates = (coarse >= threshold).nonzero().squeeze(1)  # the shortlist may miss some: take all
+    candidates = candidates[coarse[candidates] > float("-inf")]
+    exact = query[0] @ embeddings[candidates].float().T
+    best = exact.topk(min(k, exact.shape[0]))
+    values = torch.full((1, k), float("-inf"), device=query.device)
+    indices = torch.full((1, k), -1, dtype=torch.long, device=query.device)
+    values[0, : best.values.shape[0]], indices[0, : best.values.shape[0]] = best.values, candidates[best.indices]
+    return values, indices
 
 
 def _mmap_tensor(file: Path, key: str) -> torch.Tensor:

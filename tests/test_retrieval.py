@@ -217,3 +217,24 @@ def test_pipeline_with_an_index_survives_save_and_load(tmp_path):
         assert torch.equal(a, b)
     torch.testing.assert_close(after.retrieval_scores[0], before.retrieval_scores[0], atol=1e-6, rtol=1e-6)
     assert all(np.array_equal(a, b) for a, b in zip(after.images[0], before.images[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_scan_with_exact_rescoring_equals_float32_search(dtype):
+    # Many entries close to the query make near-ties that a 16-bit score alone would misorder.
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.nn.functional.normalize(torch.randn(12, 64, generator=generator), dim=-1)
+    near = queries.repeat_interleave(200, 0) + 0.02 * torch.randn(2400, 64, generator=generator)
+    embeddings = torch.cat([near, torch.randn(3000, 64, generator=generator)]).to(dtype)
+    index = GillRetrievalIndex.from_embeddings(embeddings, references=[str(i) for i in range(len(embeddings))])
+    stored = index.embeddings.float()
+    exact = queries @ stored.T
+    exact[:, [0, 200]] = float("-inf")
+    expected = exact.topk(10, dim=-1)
+    scores, indices = index.search(queries, k=10, exclude=[0, 200])  # a batch: one float32 pass
+    assert torch.equal(indices, expected.indices)
+    assert torch.allclose(scores, expected.values, atol=1e-6)
+    for q in range(len(queries)):  # single queries: the 16-bit scan, then exact re-scoring
+        scores, indices = index.search(queries[q], k=10, exclude=[0, 200])
+        assert torch.equal(indices, expected.indices[q])
+        assert torch.allclose(scores, expected.values[q], atol=1e-6)
