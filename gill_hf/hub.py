@@ -63,18 +63,37 @@ def base_models(obj) -> list[str]:
     return found
 
 
-def render_model_card(obj, repo_id: str, form: str | None = None) -> ModelCard:
+def render_model_card(obj, repo_id: str, form: str | None = None, training: dict | None = None) -> ModelCard:
     """The card of a model or pipeline, rendered from `model_card.md` (package data) with
-    `library_name`, `pipeline_tag`, base models and tags in its metadata."""
+    `library_name`, `pipeline_tag`, base models and tags in its metadata. `training` (`data`,
+    `steps`, `metrics`) fills the card's training section from a run."""
     is_pipeline = hasattr(obj, "gill_model")
+    model = getattr(obj, "gill_model", obj)
     tags = BASE_TAGS + (["diffusers", "pipeline"] if is_pipeline else [f"{form or 'full'}-checkpoint"])
     if is_pipeline and getattr(obj, "retrieval_index", None) is not None:
         tags.append("retrieval-index")
     card_data = ModelCardData(
         library_name=LIBRARY_NAME, pipeline_tag=PIPELINE_TAG, base_model=base_models(obj) or None, tags=tags,
     )
+    references = model.config.backbone_references or {}
+    unet = getattr(obj, "unet", None) if is_pipeline else None
     template = resources.files("gill_hf").joinpath("model_card.md").read_text(encoding="utf-8")
-    return ModelCard.from_template(card_data, template_str=template, model_name=repo_id.split("/")[-1], repo_id=repo_id)
+    return ModelCard.from_template(
+        card_data, template_str=template, model_name=repo_id.split("/")[-1], repo_id=repo_id,
+        kind="pipeline" if is_pipeline else "model", form=form or "full (pipeline)",
+        text_model=_describe(references.get("text_model"), model.language_model),
+        vision_model=_describe(references.get("vision_model"), model.vision_model),
+        image_decoder=getattr(getattr(unet, "config", None), "_name_or_path", None) or (type(unet).__name__ if unet is not None else None),
+        num_gill_parameters=f"{sum(p.numel() for n, p in model.named_parameters() if not n.startswith(('language_model.', 'vision_model.'))):,}",
+        training={"data": None, "steps": None, "metrics": {}, **training} if training else None,
+    )
+
+
+def _describe(reference: Any, module) -> str:
+    """A backbone as the card names it: its reference (hub id, folder or embedded artifact) and class."""
+    if isinstance(reference, dict):
+        reference = reference.get("repo_id") or reference.get("embedded") or reference.get("path")
+    return f"`{reference}` ({type(module).__name__})" if reference else type(module).__name__
 
 
 def push_to_hub(
@@ -88,6 +107,7 @@ def push_to_hub(
     private: bool | None = None,
     token: str | None = None,
     revision: str | None = None,
+    training: dict | None = None,
 ) -> Any:
     r"""
     Saves `obj` (a [`GillForConditionalGeneration`] or a [`GillPipeline`]) to a temporary folder,
@@ -101,6 +121,7 @@ def push_to_hub(
             backbone has a reference).
         processor ([`GillProcessor`], *optional*): model only: saved beside the weights.
         commit_message, private, token, revision: as for `HfApi.upload_folder` / `create_repo`.
+        training (`dict`, *optional*): `data`, `steps`, `metrics` of the run, for the card.
 
     Returns:
         What `api.upload_folder` returns (the commit info for `HfApi`).
@@ -123,7 +144,7 @@ def push_to_hub(
             obj.save_pretrained(folder, form=form)
             if processor is not None:
                 processor.save_pretrained(folder)
-        render_model_card(obj, repo_id, form).save(folder / "README.md")
+        render_model_card(obj, repo_id, form, training).save(folder / "README.md")
         api.create_repo(repo_id=repo_id, exist_ok=True, private=private, repo_type="model")
         return api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,

@@ -469,24 +469,36 @@ def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArgu
         trainer.save_metrics("eval", metrics)
     trainer.save_state()
     if push and trainer.is_world_process_zero():
-        push_trained_model(trainer, processor, training_args.hub_model_id)
+        push_trained_model(trainer, processor, training_args.hub_model_id, data=_describe_data(data_args, len(train)))
     return trainer
 
 
-def push_trained_model(trainer: GillTrainer, processor=None, repo_id: str | None = None, api=None):
+def _describe_data(data_args: GillDataArguments, num_examples: int | None) -> str:
+    source = data_args.dataset_name or data_args.train_tsv or "unknown"
+    count = f", {num_examples:,} examples" if num_examples is not None else ""
+    return f"`{source}` ({'datasets' if data_args.dataset_name else 'CC3M-layout TSV'}{count})"
+
+
+def push_trained_model(trainer: GillTrainer, processor=None, repo_id: str | None = None, api=None, data: str | None = None):
     """Pushes the trained model with the package's push function (`gill_hf.hub.push_to_hub`:
-    adapter form whenever both backbones have references), the commit message naming the run."""
+    adapter form whenever both backbones have references); the card and the commit message carry
+    the run: its `data`, steps, last training loss components and last evaluation metrics."""
     from . import hub
 
     args = trainer.args
     repo_id = repo_id or os.path.basename(os.path.abspath(args.output_dir))
-    evals = [h for h in trainer.state.log_history if any(k.startswith("eval_") for k in h)]
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    evals = [h for h in history if any(k.startswith("eval_") for k in h)]
+    metrics = {f"train_{k}": v for k, v in (train_logs[-1] if train_logs else {}).items() if k in ("loss", *LOSS_KEYS)}
+    metrics.update({k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_") and isinstance(v, float)})
     summary = f"GillTrainer: {trainer.state.global_step} steps"
     if evals:
-        summary += ", " + ", ".join(f"{k}={v:.4g}" for k, v in evals[-1].items() if k.startswith("eval_") and isinstance(v, float))
+        summary += ", " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))
     model = trainer.accelerator.unwrap_model(trainer.model)
     return hub.push_to_hub(model, repo_id, api=api, processor=processor, commit_message=summary,
-                           private=getattr(args, "hub_private_repo", None), token=getattr(args, "hub_token", None))
+                           private=getattr(args, "hub_private_repo", None), token=getattr(args, "hub_token", None),
+                           training={"data": data, "steps": trainer.state.global_step, "metrics": metrics})
 
 
 __all__ = [

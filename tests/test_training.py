@@ -311,7 +311,13 @@ def test_best_checkpoint_by_text_to_image_r1_and_push(tmp_path):
     assert all(torch.equal(saved[k], current[k]) for k in saved)
 
     api = FolderApi(tmp_path / "hub")
-    push_trained_model(trainer, repo_id="org/tiny-gill", api=api)
+    push_trained_model(trainer, repo_id="org/tiny-gill", api=api, data="`cc3m_train.tsv` (8 examples)")
     pushed = set(os.listdir(tmp_path / "hub" / "org" / "tiny-gill"))
     assert {"config.json", "README.md"} <= pushed  # full form: these backbones have no references
     assert api.messages and "4 steps" in api.messages[0] and "eval_t2i_r1" in api.messages[0]
+    # The card is filled from the run: its data, steps, last losses and evaluation metrics.
+    card = (tmp_path / "hub" / "org" / "tiny-gill" / "README.md").read_text()
+    assert "- data: `cc3m_train.tsv` (8 examples)" in card and "- steps: 4" in card
+    assert f"- eval_t2i_r1: {evals[-1]['eval_t2i_r1']:.4g}" in card
+    last_loss = [h for h in trainer.state.log_history if "contrastive_loss" in h][-1]["contrastive_loss"]
+    assert f"- train_contrastive_loss: {last_loss:.4g}" in card
