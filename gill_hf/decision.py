@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .metrics.functional import macro_f1
 from .modeling.configuration_gill import DECISION_HEAD_TYPES
-from .modeling.modeling_gill import GillDecisionHead
+from .modeling import GillDecisionHead
 
 logger = logging.get_logger(__name__)
 

@@ -1,11 +1,10 @@
 """GILL's configuration and model (importable as `gill_hf.modeling`)."""
 
 from .configuration_gill import GillConfig
+from .heads_gill import GillDecisionHead, GillMapper
 from .modeling_gill import (
     GillCausalLMOutputWithPast,
-    GillDecisionHead,
     GillForConditionalGeneration,
-    GillMapper,
     GillOutput,
     GillPreTrainedModel,
     IMAGE_TOKEN,

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import os
-import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
@@ -26,8 +24,20 @@ from transformers.utils import ModelOutput, cached_file
 
 from .checkpointing import ADAPTER_WEIGHTS_NAME, atomic_directory, load_adapter_weights, save_adapter_weights
 from .configuration_gill import GillConfig
+from .heads_gill import GillDecisionHead, GillMapper
+from .training_passes import (
+    caption_piece,
+    causal_lm_loss,
+    draw_concat,
+    gather_across_processes,
+    img_block_starts,
+    mask_after_img0,
+    per_token_l2_distance,
+    stack_pass,
+    symmetric_info_nce,
+    text_piece,
+)
 
-IGNORE_INDEX = -100
 IMAGE_TOKEN = "<|image|>"
 
 
@@ -100,55 +110,6 @@ class GillCausalLMOutputWithPast(ModelOutput):
     cache: Any | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
-class GillMapper(nn.Module):
-    """GILLMapper: `[IMG]` hidden states (+ `[IMG]` input embeddings) -> Linear -> encoder-decoder
-    Transformer over learned queries -> Linear, giving the image decoder's text conditioning."""
-
-    def __init__(self, config: GillConfig):
-        super().__init__()
-        text_hidden = config.text_config.hidden_size
-        width = config.mapper_hidden_size
-        self.input_proj = nn.Linear(text_hidden, width)
-        # Pre-LN with final norms on both stacks and no masks: decoder self-attention over the
-        # queries is bidirectional, exactly as torch's nn.Transformer in the reference.
-        with warnings.catch_warnings():  # torch notes that norm_first disables its nested-tensor path
-            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
-            self.transformer = self._build_transformer(config, width)
-        self.queries = nn.Parameter(torch.randn(1, config.num_clip_tokens, width))
-        self.output_proj = nn.Linear(width, config.gen_emb_dim)
-
-    @staticmethod
-    def _build_transformer(config: GillConfig, width: int) -> nn.Transformer:
-        return nn.Transformer(
-            d_model=width,
-            nhead=config.mapper_num_heads,
-            num_encoder_layers=config.mapper_num_encoder_layers,
-            num_decoder_layers=config.mapper_num_decoder_layers,
-            dim_feedforward=config.mapper_ffn_dim,
-            dropout=config.mapper_dropout,
-            batch_first=True,
-            norm_first=True,
-        )
-
-    def forward(self, img_hidden_states: torch.Tensor, img_embeddings: torch.Tensor) -> torch.Tensor:
-        x = self.input_proj(img_hidden_states + img_embeddings)
-        x = self.transformer(x, self.queries.expand(x.shape[0], -1, -1))
-        return self.output_proj(x)
-
-
-class GillDecisionHead(nn.Module):
-    """Retrieve-or-generate classifier on the `[IMG0]` state (column 0 = generate, 1 = retrieve)."""
-
-    def __init__(self, config: GillConfig):
-        super().__init__()
-        in_features = config.text_config.hidden_size + (config.decision_head_type == "hidden_and_score")
-        self.dropout = nn.Dropout(config.decision_dropout)
-        self.linear = nn.Linear(in_features, 2)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(features))
 
 
 class GillPreTrainedModel(PreTrainedModel):
@@ -433,10 +394,7 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         return self._training_forward(input_ids, pixel_values, image_features, gen_targets, concat_captions)
 
     def _is_decoding_call(self, input_ids, inputs_embeds, cache, use_cache) -> bool:
-        if cache is not None or inputs_embeds is not None or use_cache:
-            return True
-        image_token_id = self.config.image_token_id
-        return input_ids is not None and image_token_id is not None and bool((input_ids == image_token_id).any())
+        return cache is not None or inputs_embeds is not None or bool(use_cache) or self._holds_image_token(input_ids)
 
     def embed_prompt(self, input_ids: torch.LongTensor, pixel_values=None, image_features=None) -> torch.Tensor:
         """Embeds prompt ids, replacing each run of `num_visual_tokens` `<|image|>` placeholders
@@ -495,34 +453,12 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
 
     # ----- training forward --------------------------------------------------------------------
 
-    def _img_block_starts(self, input_ids: torch.LongTensor) -> list[int]:
-        """Position of the `[IMG0..7]` block in each training row (it ends the row's real tokens)."""
-        n_img = self.config.num_img_tokens
-        starts = []
-        for row, ids in enumerate(input_ids.tolist()):
-            if self.config.img_token_ids[0] not in ids:
-                raise ValueError(f"`input_ids` row {row} has no [IMG] block; training rows are `[BOS caption [IMG0..{n_img - 1}] pad]`.")
-            start = ids.index(self.config.img_token_ids[0])
-            if ids[start : start + n_img] != list(self.config.img_token_ids):
-                raise ValueError(f"`input_ids` row {row} has an incomplete [IMG] block at position {start}.")
-            starts.append(start)
-        return starts
-
-    def _draw_concat(self, concat_captions: bool | float) -> bool:
-        if isinstance(concat_captions, bool):
-            return concat_captions
-        if not 0.0 <= concat_captions <= 1.0:
-            raise ValueError(f"`concat_captions` must be a bool or a probability in [0, 1], got {concat_captions!r}.")
-        return bool(torch.rand(()) < concat_captions)
-
-    def _drop_leading_bos(self, ids: torch.Tensor) -> int:
-        return int(len(ids) > 0 and ids[0].item() == self.config.text_config.bos_token_id)
-
     def _training_forward(self, input_ids, pixel_values, image_features, gen_targets, concat_captions) -> GillOutput:
         if input_ids is None or input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ValueError("`input_ids` must be a non-empty (batch, length) tensor of training rows.")
         batch, n_img = input_ids.shape[0], self.config.num_img_tokens
-        starts = self._img_block_starts(input_ids)
+        starts = img_block_starts(input_ids, self.config.img_token_ids)
+        bos_token_id = self.config.text_config.bos_token_id
         has_images = pixel_values is not None or image_features is not None
         features = self._image_features(pixel_values, image_features) if has_images else None
         if features is not None and features.shape[0] != batch:
@@ -536,18 +472,18 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
 
         if features is not None:
             prefix = self.get_visual_prefix(image_features=features).to(token_embeds.dtype)
-            pieces = [self._caption_piece(prefix[i], token_embeds[i], input_ids[i], starts[i]) for i in range(batch)]
-            embeds, labels, _ = self._stack_pass(pieces, self._draw_concat(concat_captions))
+            pieces = [caption_piece(prefix[i], token_embeds[i], input_ids[i], starts[i]) for i in range(batch)]
+            embeds, labels, _ = stack_pass(pieces, draw_concat(concat_captions), bos_token_id)
             outputs, _ = self._run_lm(embeds)
             out.caption_logits = self.compute_logits(outputs.hidden_states[-1], outputs.logits)
             out.caption_labels = labels
             out.caption_loss = causal_lm_loss(out.caption_logits, labels)
 
-        pieces = [self._text_piece(token_embeds[i], input_ids[i], starts[i]) for i in range(batch)]
-        embeds, labels, block_positions = self._stack_pass(pieces, self._draw_concat(concat_captions))
+        pieces = [text_piece(token_embeds[i], input_ids[i], starts[i], n_img) for i in range(batch)]
+        embeds, labels, block_positions = stack_pass(pieces, draw_concat(concat_captions), bos_token_id)
         outputs, emb_layer_states = self._run_lm(embeds)
         out.text_logits = self.compute_logits(outputs.hidden_states[-1], outputs.logits)
-        out.text_labels = self._mask_after_img0(labels)
+        out.text_labels = mask_after_img0(labels, self.img_token_ids[1:])
         out.text_loss = causal_lm_loss(out.text_logits, out.text_labels)
         out.img_hidden_states = torch.stack(
             [emb_layer_states[row, pos : pos + n_img] for row, pos in block_positions]
@@ -557,12 +493,10 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
             out.image_embeds = self.get_image_retrieval_embeds(image_features=features)
             image_side, text_side = gather_across_processes(out.image_embeds), gather_across_processes(out.text_embeds)
             out.logits_per_image = self.logit_scale.exp() * image_side @ text_side.T
-            targets = torch.arange(out.logits_per_image.shape[0], device=out.logits_per_image.device)
-            out.contrastive_loss = (F.cross_entropy(out.logits_per_image.float(), targets) + F.cross_entropy(out.logits_per_image.T.float(), targets)) / 2
+            out.contrastive_loss = symmetric_info_nce(out.logits_per_image)
         if gen_targets is not None:
             out.prompt_embeds = self.get_prompt_embeds(out.img_hidden_states)
-            distance = (out.prompt_embeds.float() - gen_targets.float()).pow(2).sum(-1).sqrt()
-            out.gen_loss = distance.mean()
+            out.gen_loss = per_token_l2_distance(out.prompt_embeds, gen_targets)
 
         scaled = [
             (out.caption_loss, self.config.caption_loss_scale),
@@ -572,51 +506,6 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         ]
         out.loss = sum(value * scale for value, scale in scaled if value is not None)
         return out
-
-    def _caption_piece(self, prefix, token_embeds, ids, start):
-        """Captioning pass row: `[visual prefix, BOS caption | [IMG] block and pads]`; labels cover
-        BOS + caption. The part after `|` is the row's tail, moved behind a concatenated pair."""
-        n_vis = prefix.shape[0]
-        labels = torch.full((n_vis + len(ids),), IGNORE_INDEX, dtype=torch.long, device=ids.device)
-        labels[n_vis : n_vis + start] = ids[:start]
-        embeds = torch.cat([prefix, token_embeds])
-        return embeds, labels, n_vis + start, n_vis, None
-
-    def _text_piece(self, token_embeds, ids, start):
-        """Text pass row: `[BOS caption [IMG0..7] | pads]`; labels cover everything before the pads
-        (`_mask_after_img0` then keeps caption + `[IMG0]`)."""
-        body = start + self.config.num_img_tokens
-        labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long, device=ids.device)
-        labels[:body] = ids[:body]
-        return token_embeds, labels, body, 0, start
-
-    def _stack_pass(self, pieces, concat: bool):
-        """Stacks pass rows, or concatenates consecutive pairs as the reference does:
-        `[body_1, body_2 without its BOS, tail_1, tail_2]` (the second row's visual prefix, if any,
-        stays in front of its caption). Returns embeds, labels and the `(row, position)` of every
-        example's `[IMG]` block."""
-        if not concat:
-            embeds = torch.stack([p[0] for p in pieces])
-            labels = torch.stack([p[1] for p in pieces])
-            return embeds, labels, [(i, p[4]) for i, p in enumerate(pieces)]
-        if len(pieces) % 2:
-            raise ValueError(f"Caption concatenation pairs examples: the batch size must be even, got {len(pieces)}.")
-        rows_embeds, rows_labels, blocks = [], [], []
-        for pair in range(len(pieces) // 2):
-            (e1, l1, body1, _, blk1), (e2, l2, body2, bos2, blk2) = pieces[2 * pair], pieces[2 * pair + 1]
-            drop = bos2 + self._drop_leading_bos(l2[bos2:body2])
-            keep2 = torch.cat([torch.arange(bos2), torch.arange(drop, body2)]).to(e2.device)
-            rows_embeds.append(torch.cat([e1[:body1], e2[keep2], e1[body1:], e2[body2:]]))
-            rows_labels.append(torch.cat([l1[:body1], l2[keep2], l1[body1:], l2[body2:]]))
-            if blk1 is not None:
-                blocks += [(pair, blk1), (pair, body1 + blk2 - (drop - bos2))]
-        return torch.stack(rows_embeds), torch.stack(rows_labels), blocks
-
-    def _mask_after_img0(self, labels: torch.LongTensor) -> torch.LongTensor:
-        """The text pass keeps caption + `[IMG0]`: everything from the first `[IMG1..]` on is masked
-        (for a concatenated pair the reference thereby masks the second caption too)."""
-        later = torch.isin(labels, self.img_token_ids[1:])
-        return labels.masked_fill(later.cumsum(-1) > 0, IGNORE_INDEX)
 
     # ----- generation --------------------------------------------------------------------------
 
@@ -797,29 +686,10 @@ def _check_backbone_sizes(config: GillConfig, text_config, vision_config) -> Non
             )
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-    """Mean next-token cross entropy over positions whose label is not -100."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-
-
-def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gathers along the batch so contrastive negatives span every process; the local slice
-    keeps its gradient (as the reference's training loop does)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    gathered[dist.get_rank()] = tensor
-    return torch.cat(gathered)
-
-
 __all__ = [
     "GillCausalLMOutputWithPast",
-    "GillDecisionHead",
     "GillForConditionalGeneration",
-    "GillMapper",
     "GillOutput",
     "GillPreTrainedModel",
     "add_gill_tokens",
-    "causal_lm_loss",
 ]

@@ -1,0 +1,114 @@
+"""The two LM passes of GILL's training forward, built from `[BOS caption [IMG0..7] pad]` rows as
+the reference builds them (GILL_SPEC.md section 3), and the pieces of its losses.
+
+A pass row is a *piece*: `(embeds, labels, body_end, bos_position, img_block_start)`; `body_end`
+splits the example from its tail (what follows the caption or the block), which the reference's
+two-caption concatenation moves behind the concatenated pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+Piece = tuple[torch.Tensor, torch.LongTensor, int, int, int | None]
+
+
+def img_block_starts(input_ids: torch.LongTensor, img_token_ids: list[int]) -> list[int]:
+    """Position of the `[IMG0..7]` block in each training row (it ends the row's real tokens)."""
+    n_img = len(img_token_ids)
+    starts = []
+    for row, ids in enumerate(input_ids.tolist()):
+        if img_token_ids[0] not in ids:
+            raise ValueError(f"`input_ids` row {row} has no [IMG] block; training rows are `[BOS caption [IMG0..{n_img - 1}] pad]`.")
+        start = ids.index(img_token_ids[0])
+        if ids[start : start + n_img] != list(img_token_ids):
+            raise ValueError(f"`input_ids` row {row} has an incomplete [IMG] block at position {start}.")
+        starts.append(start)
+    return starts
+
+
+def draw_concat(concat_captions: bool | float) -> bool:
+    """`True`/`False` decide; a probability draws (torch's RNG, so a seeded run repeats)."""
+    if isinstance(concat_captions, bool):
+        return concat_captions
+    if not 0.0 <= concat_captions <= 1.0:
+        raise ValueError(f"`concat_captions` must be a bool or a probability in [0, 1], got {concat_captions!r}.")
+    return bool(torch.rand(()) < concat_captions)
+
+
+def caption_piece(prefix: torch.Tensor, token_embeds: torch.Tensor, ids: torch.LongTensor, start: int) -> Piece:
+    """Captioning pass row: `[visual prefix, BOS caption | [IMG] block and pads]`; labels cover
+    BOS + caption."""
+    n_vis = prefix.shape[0]
+    labels = torch.full((n_vis + len(ids),), IGNORE_INDEX, dtype=torch.long, device=ids.device)
+    labels[n_vis : n_vis + start] = ids[:start]
+    return torch.cat([prefix, token_embeds]), labels, n_vis + start, n_vis, None
+
+
+def text_piece(token_embeds: torch.Tensor, ids: torch.LongTensor, start: int, num_img_tokens: int) -> Piece:
+    """Text pass row: `[BOS caption [IMG0..7] | pads]`; labels cover everything before the pads
+    (`mask_after_img0` then keeps caption + `[IMG0]`)."""
+    body = start + num_img_tokens
+    labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long, device=ids.device)
+    labels[:body] = ids[:body]
+    return token_embeds, labels, body, 0, start
+
+
+def stack_pass(pieces: list[Piece], concat: bool, bos_token_id: int | None):
+    """Stacks pass rows, or concatenates consecutive pairs as the reference does:
+    `[body_1, body_2 without its BOS, tail_1, tail_2]` (the second row's visual prefix, if any,
+    stays in front of its caption). Returns embeds, labels and the `(row, position)` of every
+    example's `[IMG]` block."""
+    if not concat:
+        embeds = torch.stack([p[0] for p in pieces])
+        labels = torch.stack([p[1] for p in pieces])
+        return embeds, labels, [(i, p[4]) for i, p in enumerate(pieces)]
+    if len(pieces) % 2:
+        raise ValueError(f"Caption concatenation pairs examples: the batch size must be even, got {len(pieces)}.")
+    rows_embeds, rows_labels, blocks = [], [], []
+    for pair in range(len(pieces) // 2):
+        (e1, l1, body1, _, blk1), (e2, l2, body2, bos2, blk2) = pieces[2 * pair], pieces[2 * pair + 1]
+        drop = bos2 + int(body2 > bos2 and l2[bos2].item() == bos_token_id)
+        keep2 = torch.cat([torch.arange(bos2), torch.arange(drop, body2)]).to(e2.device)
+        rows_embeds.append(torch.cat([e1[:body1], e2[keep2], e1[body1:], e2[body2:]]))
+        rows_labels.append(torch.cat([l1[:body1], l2[keep2], l1[body1:], l2[body2:]]))
+        if blk1 is not None:
+            blocks += [(pair, blk1), (pair, body1 + blk2 - (drop - bos2))]
+    return torch.stack(rows_embeds), torch.stack(rows_labels), blocks
+
+
+def mask_after_img0(labels: torch.LongTensor, later_img_ids: torch.LongTensor) -> torch.LongTensor:
+    """The text pass keeps caption + `[IMG0]`: everything from the first `[IMG1..]` on is masked
+    (for a concatenated pair the reference thereby masks the second caption too)."""
+    return labels.masked_fill(torch.isin(labels, later_img_ids).cumsum(-1) > 0, IGNORE_INDEX)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """Mean next-token cross entropy over positions whose label is not -100."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def symmetric_info_nce(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """(CE over texts per image + CE over images per text) / 2, the matching pairs on the diagonal."""
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image.float(), targets) + F.cross_entropy(logits_per_image.T.float(), targets)) / 2
+
+
+def per_token_l2_distance(prompt_embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over examples and positions of the L2 distance (not squared) per token."""
+    return (prompt_embeds.float() - targets.float()).pow(2).sum(-1).sqrt().mean()
+
+
+def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gathers along the batch so contrastive negatives span every process; the local slice
+    keeps its gradient (as the reference's training loop does)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    gathered[dist.get_rank()] = tensor
+    return torch.cat(gathered)
