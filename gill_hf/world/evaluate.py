@@ -63,7 +63,7 @@ def judge_single(judge, images: np.ndarray, labels: list[dict]) -> dict[str, flo
 
 def sd_report(pipe, n: int = 200, steps: int = SD_STEPS, guidance: float = SD_GUIDANCE, seed: int = 0,
               splits: tuple[str, ...] = ("validation", "heldout"), judge=None,
-              guidance_rescale: float = 0.0) -> dict:
+              guidance_rescale: float = 0.0, grid_dir: str | Path | None = None) -> dict:
     """World SD judged on n single-object captions per split (validation = unseen scenes
     of seen combinations; heldout = shape/colour pairs never seen in training)."""
     from .judge import load_judge
@@ -74,9 +74,26 @@ def sd_report(pipe, n: int = 200, steps: int = SD_STEPS, guidance: float = SD_GU
         caps, labels = eval_captions(n, split, seed + 303)
         imgs = generate_images(pipe, caps, steps, guidance, seed, guidance_rescale=guidance_rescale)
         res[split] = judge_single(judge, imgs, labels)
+        if grid_dir is not None:
+            save_grid(imgs[:32], caps[:32], Path(grid_dir) / f"samples_{split}.png")
     res["settings"] = {"n": n, "steps": steps, "guidance_scale": guidance,
                        "guidance_rescale": guidance_rescale, "scheduler": "DDIM trailing, zero-SNR"}
     return res
+
+
+def save_grid(images: np.ndarray, captions: list[str], path: Path, cols: int = 8,
+              scale: int = 3) -> None:
+    """Samples upscaled x3 in a grid, with their captions listed in a sidecar .txt."""
+    from PIL import Image
+
+    rows = (len(images) + cols - 1) // cols
+    s = images.shape[1] * scale
+    grid = Image.new("RGB", (cols * s, rows * s), "white")
+    for i, im in enumerate(images):
+        tile = Image.fromarray(im).resize((s, s), Image.Resampling.NEAREST)
+        grid.paste(tile, ((i % cols) * s, (i // cols) * s))
+    grid.save(path)
+    path.with_suffix(".txt").write_text("\n".join(f"{i}: {c}" for i, c in enumerate(captions)) + "\n")
 
 
 def load_sd(path: str | Path | None = None):
@@ -107,7 +124,7 @@ def evaluate_all(which: list[str], seed: int = 0, threads: int = 2, update_cards
             out["vae"] = vae_report(pipe.vae, seed)
         if "sd" in which:
             t = time.time()
-            out["sd"] = sd_report(pipe, seed=seed)
+            out["sd"] = sd_report(pipe, seed=seed, grid_dir=asset_path("sd") if update_cards else None)
             out["sd"]["wall_s"] = round(time.time() - t, 1)
     if update_cards:
         for name, metrics in out.items():

@@ -11,6 +11,7 @@ epsilon-model trained without terminal SNR leaves (ENVIRONMENT.md's probe).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -283,9 +284,14 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
     hist.pop("ema")
     wall = time.time() - t0
     out = Path(out_dir or asset_path("sd"))
+    # Reload the VAE: a decoder-only fine-tune may have run while the UNet trained (the
+    # encoder, hence the latents, are the same either way).
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
     pipe = build_pipeline(ema.eval(), vae, clip_dir)
     pipe.to(torch.float16).save_pretrained(str(out))
     pipe.to(torch.float32)
+    for f in list(vae_dir.glob("training_info_vae*.json")) + list(vae_dir.glob("training_curve_vae*.png")):
+        shutil.copy(f, out / f.name)
     series = {"loss (smoothed)": smooth(hist["loss"], 200)}
     plot_curves(out / "training_curve.png", series, "world UNet v-prediction loss", log_y=True)
     plot_curves(out / "judged_accuracy.png",
