@@ -3,6 +3,11 @@ function; this file only wires them together. Every command sets `func(namespace
 
     gill-hf train --model_name_or_path ... --train_tsv ... --image_dir ... --output_dir ... [any TrainingArguments flag]
     gill-hf train-decision --model_name_or_path ... --prompts prompts.tsv --output_dir ...
+    gill-hf convert-original ORIGINAL_DIR OUTPUT_DIR --text-model ... --vision-model ...
+    gill-hf demo --output-dir out/demo
+    gill-hf eval-world
+    gill-hf gill-tiny {prepare,command,train,export}
+    gill-hf world {generate,train-judge,train-clip,train-vae,train-unet,evaluate}
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import argparse
 import importlib
 import sys
 
-# Modules that may add commands: (module, function, group). A group nests the module's commands
-# under one word (`gill-hf world generate ...`); None adds them at the top level. A module that is
-# not there (yet) is skipped; one that fails to import for another reason raises.
-OPTIONAL_COMMAND_MODULES = (
+# Modules that add commands: (module, function, group). A group nests the module's commands under
+# one word (`gill-hf world generate ...`); None adds them at the top level.
+COMMAND_MODULES = (
     ("gill_hf.world.cli", "register_world_commands", "world"),
+    ("gill_hf.world.gill_tiny", "register", None),
+    ("gill_hf.world.eval_gill", "register", None),
+    ("gill_hf.demo", "register", None),
     ("gill_hf.convert_original", "register", None),
 )
 
@@ -57,16 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_decision_command(subparsers)
     register_data_commands(subparsers)
-    for module_name, function_name, group in OPTIONAL_COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name is not None and module_name.startswith(error.name):
-                continue
-            raise
-        register = getattr(module, function_name, None)
-        if register is None:
-            continue
+    for module_name, function_name, group in COMMAND_MODULES:
+        register = getattr(importlib.import_module(module_name), function_name)
         if group is None:
             register(subparsers)
         else:
