@@ -47,7 +47,7 @@ def _train_unet(a: argparse.Namespace) -> None:
 
     print(train_unet(steps=a.steps, seed=a.seed, threads=a.threads, out_dir=a.output_dir,
                      resume=not a.no_resume, clip_dir=a.clip_dir, vae_dir=a.vae_dir,
-                     max_minutes=a.max_minutes))
+                     max_minutes=a.max_minutes, cooldown_steps=a.cooldown_steps))
 
 
 def _evaluate(a: argparse.Namespace) -> None:
@@ -94,6 +94,8 @@ def register_world_commands(subparsers) -> None:
     _common(p, steps=6000)
     p.add_argument("--clip-dir", default=None)
     p.add_argument("--vae-dir", default=None)
+    p.add_argument("--cooldown-steps", type=int, default=0,
+                   help="linear learning-rate decay over the last N of --steps")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (and save) after this much wall time; the card records the steps")
     p.set_defaults(func=_train_unet)

@@ -200,7 +200,8 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
                n_train: int = 20000, threads: int = 1, out_dir: str | Path | None = None,
                resume: bool = True, clip_dir: str | Path | None = None,
                vae_dir: str | Path | None = None, eval_every: int = 1500,
-               ema_decay: float = 0.999, max_minutes: float | None = None) -> dict:
+               ema_decay: float = 0.999, max_minutes: float | None = None,
+               cooldown_steps: int = 0) -> dict:
     """Train the UNet on frozen CLIP text states and frozen VAE latents.
 
     Constant learning rate after a 200-step warm-up, with an EMA of the weights: a run cut
@@ -236,7 +237,13 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
     ema.requires_grad_(False)
     noise_sched = make_scheduler("ddpm")
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    # Warm-up, constant, then (optionally) a linear cool-down over the last steps: the
+    # anneal is what turns a noisy constant-LR run into a sharper model.
+    def lr_factor(s: int) -> float:
+        cool = 1.0 if not cooldown_steps else min(1.0, max(0.0, (steps - s) / cooldown_steps))
+        return min(1.0, (s + 1) / 200) * max(cool, 0.02)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ckpt = Checkpoint(f"unet-s{seed}", every_s=180)
     g = torch.Generator().manual_seed(seed)
     step, hist, elapsed = ckpt.restore(unet, opt, sched, g, {"loss": [], "evals": []}, resume)
@@ -298,7 +305,8 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
                 {k: [(s, r[k]) for s, r in hist["evals"]] for k in ("colour", "shape", "position", "size")},
                 "judged accuracy during training (100 val captions, 25 steps, cfg 4)")
     info = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "n_train": n_train,
-            "cfg_dropout": CFG_DROPOUT, "ema_decay": ema_decay, "schedule": SCHEDULE, "train_wall_s": round(wall, 1),
+            "cfg_dropout": CFG_DROPOUT, "ema_decay": ema_decay, "cooldown_steps": cooldown_steps,
+            "schedule": SCHEDULE, "train_wall_s": round(wall, 1),
             "total_wall_s": round(time.time() - t_start, 1), "threads": threads,
             "evals": hist["evals"]}
     write_json(out / "training_info.json", info)
