@@ -21,7 +21,9 @@ FIXED_SEED = 4242  # a stream used neither for training nor for the reported met
 # Measured on 1,000 validation images: colour 1.000, shape 0.981 (see assets/clip/metrics.json).
 CLIP_MIN = {"colour": 0.95, "shape": 0.90}
 SD_TEST_STEPS = 10
-SD_MIN = {"colour": 0.0, "shape": 0.0, "position": 0.0, "size": 0.0}  # set from measurement below
+# Measured on these 40 captions at 10 DDIM steps, guidance 4: colour 0.95, shape 0.775,
+# size 1.00, position 1.00 (all four 0.75); thresholds leave ~0.15 for platform noise.
+SD_MIN = {"colour": 0.80, "shape": 0.62, "position": 0.85, "size": 0.85}
 
 
 @pytest.fixture(scope="module")
