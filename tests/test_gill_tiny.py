@@ -80,3 +80,35 @@ def test_shipped_adapter_is_small_fp16_and_names_its_backbones():
     assert config["backbone_references"]["vision_model"]["embedded"] == gill_tiny.WORLD_CLIP_NAME
     for key, value in gill_tiny.GILL_TINY_CONFIG.items():
         assert config[key] == value
+
+
+# Measured on the committed GILL-tiny minus a margin (small samples: 30 queries, 60 prompts); a fixed, seeded eval set.
+REGRESSION_THRESHOLDS = {"retrieval_top1": 0.35, "decision_accuracy": 0.55}  # measured 0.50, 0.75 (30 + 60 prompts)
+
+
+@pytest.mark.skipif(not ADAPTER.is_file(), reason="the GILL-tiny adapter is not committed yet")
+def test_shipped_gill_tiny_stays_above_its_measured_quality():
+    import torch
+
+    from gill_hf.decision import decision_features
+
+    model, processor = gill_tiny.load_gill_tiny()
+    dataset = gill_tiny.retrieval_dataset()
+    index = gill_tiny.build_retrieval_index(model, processor, dataset)
+    keys = [gill_tiny.scene_key(row) for row in dataset.select_columns(["shapes", "colours", "sizes", "positions"])]
+    prompts = gill_tiny.decision_prompts(60, seed=12345, index_dataset=dataset)
+    queries = [(text, labels) for text, decision, labels in prompts if decision == "retrieve"]
+    with torch.no_grad():
+        rows = processor.build_training_inputs([q for q, _ in queries], max_length=48)
+        text = model.get_text_retrieval_embeds(model(input_ids=rows["input_ids"]).img_hidden_states)
+        top = index.search(text, k=1)[1][:, 0]
+        retrieval = sum(keys[int(j)] == gill_tiny.scene_key(labels) for j, (_, labels) in zip(top, queries)) / len(queries)
+        features = decision_features(model, processor, [t for t, _, _ in prompts], model.config.decision_head_type,
+                                     index.embeddings.float())
+        predicted = model.decision_head.eval()(features).argmax(-1)
+    labels = torch.tensor([1 if d == "retrieve" else 0 for _, d, _ in prompts])
+    decision = (predicted == labels).float().mean().item()
+    print(f"retrieval top-1 {retrieval:.3f}, decision accuracy {decision:.3f}")
+    if REGRESSION_THRESHOLDS["retrieval_top1"] is not None:
+        assert retrieval >= REGRESSION_THRESHOLDS["retrieval_top1"]
+        assert decision >= REGRESSION_THRESHOLDS["decision_accuracy"]
