@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
                           CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig)
 
-from .common import (Checkpoint, asset_path, plot_curves, progress, seed_everything, set_threads,
+from .common import (Checkpoint, asset_path, plot_curves, progress, save_fp16, seed_everything, set_threads,
                      smooth, to_tensor, write_json)
 from .data import generate_arrays
 from .render import (BACKGROUND_NAMES, COLOUR_NAMES, IMAGE_SIZE, POSITIONS, SHAPES, SIZES,
@@ -120,10 +120,7 @@ def train_clip(steps: int = 1200, batch_size: int = 128, lr: float = 1e-3, seed:
     bar.close()
     wall = time.time() - t0
     out = Path(out_dir or asset_path("clip"))
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.to(torch.float16).save_pretrained(str(out))
-    model.float()
+    save_fp16(model, out)
     make_processor(tok).save_pretrained(str(out))
     plot_curves(out / "training_curve.png", {"loss (smoothed)": smooth(hist["loss"])},
                 "world CLIP contrastive loss", log_y=True)

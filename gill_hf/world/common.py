@@ -135,6 +135,14 @@ def smooth(values: list[tuple[float, float]], k: int = 50) -> list[tuple[float, 
     return out
 
 
+def save_fp16(model, out: Path) -> None:
+    """Saves `model` in fp16 (the shipped weights) into `out`, then returns it to fp32 in eval mode."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.to(torch.float16).save_pretrained(str(out))
+    model.float()
+
+
 def write_json(path: Path | str, obj: dict) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from tqdm.auto import tqdm
 
-from .common import (Checkpoint, asset_path, plot_curves, progress, seed_everything, set_threads,
+from .common import (Checkpoint, asset_path, plot_curves, progress, save_fp16, seed_everything, set_threads,
                      smooth, to_tensor, write_json)
 from .data import generate_arrays, label_ids
 from .render import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
@@ -159,10 +159,7 @@ def train_judge(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed
     bar.close()
     wall = time.time() - t0
     out = Path(out_dir or asset_path("judge"))
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.to(torch.float16).save_pretrained(str(out))
-    model.float()
+    save_fp16(model, out)
     plot_curves(out / "training_curve.png", {"loss (smoothed)": smooth(hist["loss"])},
                 "judge training loss", log_y=True)
     metrics = judge_report(model, seed)

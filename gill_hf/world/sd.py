@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 
-from .common import (Checkpoint, asset_path, plot_curves, progress, seed_everything,
+from .common import (Checkpoint, asset_path, plot_curves, progress, save_fp16, seed_everything,
                      set_threads, smooth, to_tensor, to_uint8, write_json)
 from .data import cache_dir, generate_arrays
 
@@ -121,9 +121,7 @@ def train_vae(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: i
         with torch.no_grad():
             z = vae.encode(x_all[:2000]).latent_dist.mode()
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    out.mkdir(parents=True, exist_ok=True)
-    vae.to(torch.float16).save_pretrained(str(out))
-    vae.float()
+    save_fp16(vae, out)
     plot_curves(out / f"training_curve_vae{'_decoder' if decoder_only else ''}.png",
                 {"loss (smoothed)": smooth(hist["loss"])}, "world VAE loss", log_y=True)
     metrics = vae_report(vae, seed)
