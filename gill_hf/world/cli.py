@@ -39,7 +39,8 @@ def _train_vae(a: argparse.Namespace) -> None:
     from .sd import train_vae
 
     print(train_vae(steps=a.steps, seed=a.seed, threads=a.threads, out_dir=a.output_dir,
-                    resume=not a.no_resume, decoder_only=a.decoder_only, lr=a.lr))
+                    resume=not a.no_resume, decoder_only=a.decoder_only, lr=a.lr,
+                    edge_weight=a.edge_weight))
 
 
 def _train_unet(a: argparse.Namespace) -> None:
@@ -88,6 +89,8 @@ def register_world_commands(subparsers) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--decoder-only", action="store_true",
                    help="continue a trained VAE with the encoder frozen (latents unchanged)")
+    p.add_argument("--edge-weight", type=float, default=0.0,
+                   help="weight of an L1 loss on image gradients (sharper shape corners)")
     p.set_defaults(func=_train_vae)
 
     p = subparsers.add_parser("train-unet", help="train the world SD's UNet (needs clip + vae)")

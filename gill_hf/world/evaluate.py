@@ -119,9 +119,10 @@ def evaluate_all(which: list[str], seed: int = 0, threads: int = 2, update_cards
     if "vae" in which or "sd" in which:
         pipe = load_sd()
         if "vae" in which:
+            from .judge import load_judge
             from .sd import vae_report
 
-            out["vae"] = vae_report(pipe.vae, seed)
+            out["vae"] = vae_report(pipe.vae, seed, judge=load_judge())
         if "sd" in which:
             t = time.time()
             out["sd"] = sd_report(pipe, seed=seed, grid_dir=asset_path("sd") if update_cards else None)
@@ -170,7 +171,8 @@ def write_card(folder: Path) -> None:
         lines.append(f"## Training ({info_path.stem})")
         lines.append("")
         for k in ("steps", "batch_size", "lr", "n_train", "threads", "train_wall_s", "total_wall_s",
-                  "scaling_factor", "cfg_dropout", "ema_decay", "evals", "val_psnr_curve"):
+                  "scaling_factor", "edge_weight", "cooldown_steps", "cfg_dropout", "ema_decay", "evals",
+                  "val_psnr_curve"):
             if k in info:
                 lines.append(f"- {k}: {info[k]}")
         lines.append("")
