@@ -342,7 +342,8 @@ def _precompute_targets(namespace) -> None:
         dataset = prepare_hf_dataset(load_saved_or_hub_dataset(namespace.dataset_name, namespace.dataset_config_name, namespace.split),
                                      namespace.image_column, namespace.caption_column)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = CLIPTextModel.from_pretrained(namespace.sd_model, subfolder="text_encoder").to(device)
+    # fp32 whatever the folder stores: SD folders ship fp16 text encoders, ~2x slower on a CPU.
+    encoder = CLIPTextModel.from_pretrained(namespace.sd_model, subfolder="text_encoder", dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(namespace.sd_model, subfolder="tokenizer")
     dataset = precompute_gen_targets(dataset, encoder, tokenizer, batch_size=namespace.batch_size)
     if namespace.model_name_or_path:

@@ -429,7 +429,7 @@ def _prepare(dataset, data_args: GillDataArguments, model, processor):
     if data_args.sd_model and "gen_targets" not in columns and "gen_targets_path" not in columns:
         from transformers import AutoTokenizer, CLIPTextModel
 
-        encoder = CLIPTextModel.from_pretrained(data_args.sd_model, subfolder="text_encoder")
+        encoder = CLIPTextModel.from_pretrained(data_args.sd_model, subfolder="text_encoder", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(data_args.sd_model, subfolder="tokenizer")
         dataset = data.precompute_gen_targets(dataset, encoder, tokenizer, data_args.target_batch_size)
     if data_args.cache_image_features and not data_args.streaming:

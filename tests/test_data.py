@@ -15,7 +15,8 @@ from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from gill_hf import GillProcessor
-from gill_hf.data import GillDataCollator, cache_image_features, load_cc3m_dataset, precompute_gen_targets, prepare_hf_dataset
+from gill_hf.data import (GillDataCollator, cache_image_features, encode_captions_for_sd, load_cc3m_dataset,
+                          precompute_gen_targets, prepare_hf_dataset)
 
 CAPTIONS = ["A dog runs across the park.", "The cat sits on a wooden table.", "A red car looks at the beach!",
             "Two birds jump over the river.", "A girl walks along a busy street.", "My friend sleeps under the park."]
@@ -139,7 +140,7 @@ def test_precompute_targets_command_saves_a_dataset_that_train_reads(tmp_path):
 
     tsv, images = make_cc3m(tmp_path / "data", n=3)
     sd = tmp_path / "sd"
-    tiny_text_encoder().save_pretrained(sd / "text_encoder")
+    tiny_text_encoder().half().save_pretrained(sd / "text_encoder")  # SD folders ship fp16 text encoders
     tokenizer = opt_like_tokenizer(tmp_path / "sdtok")
     tokenizer.model_max_length = 77
     tokenizer.save_pretrained(sd / "tokenizer")
@@ -148,6 +149,12 @@ def test_precompute_targets_command_saves_a_dataset_that_train_reads(tmp_path):
     saved = load_saved_or_hub_dataset(str(tmp_path / "saved"))
     assert len(saved) == 3 and {"caption", "image", "gen_targets"} <= set(saved.column_names)
     assert np.asarray(saved[0]["gen_targets"]).shape == (77, 20)
+    # The stored fp16 weights run in fp32 (same batches as the command), then the targets are rounded to fp16.
+    encoder = CLIPTextModel.from_pretrained(str(sd / "text_encoder"), dtype=torch.float32)
+    with torch.no_grad():
+        expected = np.concatenate([encode_captions_for_sd(saved["caption"][i:i + 2], encoder, tokenizer).numpy()
+                                   for i in (0, 2)]).astype(np.float16)
+    assert np.array_equal(np.stack([np.asarray(t) for t in saved["gen_targets"]]).astype(np.float16), expected)
     batch = GillDataCollator(processor(tmp_path), max_length=16, num_clip_tokens=6)([saved[i] for i in range(3)])
     assert batch["gen_targets"].shape == (3, 6, 20)
 
