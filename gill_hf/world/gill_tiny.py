@@ -401,9 +401,13 @@ def _cmd_prepare(ns) -> None:
     print(json.dumps(prepare(ns.num_train, ns.num_eval, ns.seed, ns.force), indent=1))
 
 
-def _cmd_command(ns) -> None:
-    argv = train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps,
+def _train_argv_of(ns) -> list[str]:
+    return train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps,
                       ns.eval_steps, ns.backbone_dtype)
+
+
+def _cmd_command(ns) -> None:
+    argv = _train_argv_of(ns)
     print("gill-hf train " + " ".join(shlex.quote(a) for a in argv))
 
 
@@ -415,8 +419,7 @@ def _cmd_train(ns) -> None:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     prepare(ns.num_train, ns.num_eval, ns.seed)
-    argv = train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps,
-                      ns.eval_steps, ns.backbone_dtype)
+    argv = _train_argv_of(ns)
     if ns.resume_from_checkpoint:
         argv += ["--resume_from_checkpoint", ns.resume_from_checkpoint]
     print("[gill-tiny] gill-hf train " + " ".join(shlex.quote(a) for a in argv), flush=True)

@@ -83,9 +83,10 @@ def train_vae(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: i
         params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    # Each stage keeps its own checkpoint and records: vae, vae_decoder, vae_decoder_edge<w>.
-    stage = ("_decoder" + (f"_edge{edge_weight:g}" if edge_weight else "")) if decoder_only else ""
-    ckpt = Checkpoint(f"vae{stage.replace('_', '-').replace('-decoder', '-dec')}-s{seed}", every_s=120)
+    # Each stage keeps its own checkpoint and records (vae, vae_decoder, vae_decoder_edge1, ...).
+    edge = f"_edge{edge_weight:g}" if edge_weight else ""
+    stage = ("_decoder" if decoder_only else "") + edge
+    ckpt = Checkpoint(f"vae{'-dec' if decoder_only else ''}{edge.replace('_', '-')}-s{seed}", every_s=120)
     g = torch.Generator().manual_seed(seed)
     step, hist, elapsed = ckpt.restore(vae, opt, sched, g, {"loss": [], "val_psnr": []}, resume)
     val = generate_arrays(500, "validation", seed + 1)
