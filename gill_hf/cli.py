@@ -2,6 +2,7 @@
 function; this file only wires them together. Every command sets `func(namespace)`.
 
     gill-hf train --model_name_or_path ... --train_tsv ... --image_dir ... --output_dir ... [any TrainingArguments flag]
+    gill-hf train-retrieval --model_name_or_path ... --dataset_name ... --output_dir ...
     gill-hf train-decision --model_name_or_path ... --prompts prompts.tsv --output_dir ...
     gill-hf convert-original ORIGINAL_DIR OUTPUT_DIR --text-model ... --vision-model ...
     gill-hf demo --output-dir out/demo
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_train_command(subparsers)
     from .data import register_data_commands
     from .decision import register_decision_command
+    from .retrieval_training import register_retrieval_command
 
     register_decision_command(subparsers)
+    register_retrieval_command(subparsers)
     register_data_commands(subparsers)
     for module_name, function_name, group in COMMAND_MODULES:
         register = getattr(importlib.import_module(module_name), function_name)

@@ -310,7 +310,7 @@ def cache_image_features(dataset, model, processor, batch_size: int = 64, image_
                                         repr(processor.image_processor.to_dict())), **map_kwargs}
     dataset = dataset.map(encode, batched=True, batch_size=batch_size, remove_columns=removed, **map_kwargs)
     dataset = dataset.filter(lambda example: example[features_column] is not None)
-    if bad:
+    if sum(bad.values()):
         logger.warning(f"cache_image_features: dropped {dict(bad)} examples with unreadable images.")
     return dataset
 

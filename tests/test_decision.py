@@ -60,6 +60,25 @@ def test_head_reaches_high_macro_f1_on_separable_features():
     assert macro_f1(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 0])) == pytest.approx((0.8 + 2 / 3) / 2)
 
 
+def test_standardised_training_uses_a_score_feature_on_its_own_scale():
+    """The "hidden_and_score" situation: one informative column far from zero with the classes a
+    few units apart (a scaled retrieval score), beside uninformative unit-scale columns. Raw
+    features cannot use it in 2000 steps at lr 1e-3; standardised ones can, and the folded head
+    reads raw features."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (400,), generator=generator)
+    score = 60 + 4 * labels + torch.randn(400, generator=generator)
+    features = torch.cat([torch.randn(400, 32, generator=generator), score[:, None]], dim=1)
+    config = tiny_gill("opt").config
+    config.decision_head_type = "hidden_and_score"
+    folded = train_decision_head(features, labels, config, num_train=300)
+    raw = train_decision_head(features, labels, config, num_train=300, standardize=False)
+    assert folded.eval_f1 >= 0.9 > 0.75 >= raw.eval_f1, (folded.eval_f1, raw.eval_f1)
+    constant = torch.cat([features, torch.full((400, 1), 3.0)], dim=1)  # a constant column is left unscaled
+    config.text_config.hidden_size += 1
+    assert train_decision_head(constant, labels, config, num_train=300).eval_f1 == pytest.approx(folded.eval_f1, abs=0.02)
+
+
 @pytest.mark.parametrize("head_type", ["hidden", "hidden_and_score"])
 def test_train_decision_command_saves_and_reloads_both_variants(tmp_path, head_type):
     model_dir = checkpoint(tmp_path / "model")

@@ -9,7 +9,7 @@ reference's (4 visual prefix tokens, 8 [IMG] tokens, the GILLMapper encoder-deco
     ret_emb_dim 128, gen_emb_dim 128 (= the world CLIP text width, the world SD's conditioning),
     num_clip_tokens 77, mapper_hidden_size 256, 4 heads, 2 + 2 layers, ffn 1024.
 
-The recipe has three steps, each a command:
+The recipe has four steps, each a command:
 
 1. `prepare`: the world's train / validation splits as `datasets` folders (`save_to_disk`), the
    generation targets added once by the package's own `gill-hf precompute-targets` (the world SD
@@ -20,7 +20,10 @@ The recipe has three steps, each a command:
    checkpoint (`gill-hf train` has no flags for the mapper sizes; starting from a checkpoint keeps
    the training command the package's own).
 2. `gill-hf train --model_name_or_path <init> --dataset_name <train> ...` (printed by `command`).
-3. `export`: a checkpoint -> the committed adapter folder (fp16 safetensors, config, processor).
+3. `gill-hf train-retrieval`: the retrieval projections refit at the reference's contrastive batch
+   (200; the joint run affords 16) on frozen features (`gill-tiny train-retrieval <checkpoint>`).
+4. `ship`: -> both decision heads (`gill-hf train-decision`) -> the committed adapter folder (fp16
+   safetensors, config, processor, card).
 
 Everything but the exported adapter lives under the world cache (`GILL_HF_WORLD_CACHE`,
 default `~/.cache/gill_hf_world/gill_tiny`).
@@ -202,6 +205,20 @@ def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = D
     ]
 
 
+def retrieval_argv(checkpoint: str | os.PathLike, output_dir: str | None = None, num_train: int = DEFAULT_NUM_TRAIN,
+                   num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, steps: int = 3000, batch_size: int = 200) -> list[str]:
+    """The `gill-hf train-retrieval` arguments: GILL-tiny's retrieval projections refit at the
+    reference's contrastive batch (200) on the frozen features of the training pairs."""
+    return [
+        "--model_name_or_path", str(checkpoint),
+        "--dataset_name", str(data_dir(num_train, num_eval, seed)),
+        "--train_split", "train", "--eval_split", "validation",
+        "--output_dir", output_dir or str(work_dir() / "retrieval"),
+        "--batch_size", str(batch_size), "--steps", str(steps),
+        "--backbone_dtype", "bfloat16", "--seed", str(seed),
+    ]
+
+
 # ----- step 3: export ---------------------------------------------------------------------------------------
 
 
@@ -376,12 +393,13 @@ def write_card(output_dir: str | os.PathLike, history: dict, info: dict) -> None
 
 
 def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TINY_DIR, num_prompts: int = 800,
-         num_train: int = 600, extra_info: dict | None = None) -> dict:
-    """Checkpoint -> fp16 adapter -> both decision heads (`gill-hf train-decision`) -> the shipped
-    folder (GILL-tiny with the `hidden_and_score` head, fp16) with its card and training curve."""
+         num_train: int = 600, extra_info: dict | None = None, retrieval_refit: str | os.PathLike | None = None) -> dict:
+    """Checkpoint (or its `gill-hf train-retrieval` refit) -> fp16 adapter -> both decision heads
+    (`gill-hf train-decision`) -> the shipped folder (GILL-tiny with the `hidden_and_score` head,
+    fp16) with its card and training curve (from the checkpoint's trainer state)."""
     checkpoint = Path(checkpoint)
     staging = work_dir() / "ship"
-    plain = export(checkpoint, staging / "adapter")
+    plain = export(retrieval_refit or checkpoint, staging / "adapter")
     decision = train_decision(plain, staging / "decision", num_prompts=num_prompts, num_train=num_train)
     output_dir = export(staging / "decision" / "hidden_and_score", output_dir)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -390,6 +408,9 @@ def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TIN
     info = {"checkpoint": str(checkpoint), "steps": state["global_step"], "batch_size": state.get("train_batch_size"),
             "decision_head_type": "hidden_and_score", "decision": decision,
             "metrics": {"validation (256 pairs, last eval)": evals[-1] if evals else None}, **(extra_info or {})}
+    if retrieval_refit:
+        refit = json.loads((Path(retrieval_refit) / "retrieval_metrics.json").read_text())
+        info["retrieval_refit"] = {k: v for k, v in refit.items() if k != "losses"}
     write_card(output_dir, history, info)
     return info
 
@@ -426,6 +447,18 @@ def _cmd_train(ns) -> None:
     gill_main(["train", *argv])
 
 
+def _cmd_retrieval(ns) -> None:
+    import torch
+
+    from ..cli import main as gill_main
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    argv = retrieval_argv(ns.checkpoint, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.steps, ns.batch_size)
+    print("[gill-tiny] gill-hf train-retrieval " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    gill_main(["train-retrieval", *argv])
+
+
 def _cmd_decision(ns) -> None:
     import torch
 
@@ -440,7 +473,8 @@ def _cmd_ship(ns) -> None:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     extra = json.loads(Path(ns.info).read_text()) if ns.info else None
-    print(json.dumps(ship(ns.checkpoint, ns.output_dir, ns.num_prompts, ns.num_train, extra), indent=1, default=str))
+    print(json.dumps(ship(ns.checkpoint, ns.output_dir, ns.num_prompts, ns.num_train, extra, ns.retrieval_refit),
+                     indent=1, default=str))
 
 
 def _cmd_export(ns) -> None:
@@ -448,7 +482,7 @@ def _cmd_export(ns) -> None:
 
 
 def register(subparsers) -> None:
-    """Adds `gill-tiny {prepare,command,train,export}` (for `gill-hf` to register)."""
+    """Adds `gill-tiny {prepare,command,train,train-retrieval,decision,ship,export}` (for `gill-hf` to register)."""
     parser = subparsers.add_parser("gill-tiny", help="GILL-tiny on the embedded world: prepare data/targets/init, train, export.")
     sub = parser.add_subparsers(dest="gill_tiny_command", required=True)
 
@@ -473,6 +507,15 @@ def register(subparsers) -> None:
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--resume-from-checkpoint", default=None)
         p.set_defaults(func=func)
+    p = sub.add_parser("train-retrieval", help="Refit the retrieval projections of a checkpoint at batch 200 "
+                                                "(gill-hf train-retrieval on frozen features).")
+    common(p)
+    p.add_argument("checkpoint")
+    p.add_argument("--output-dir", default=None, help="Default: <work>/retrieval.")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_retrieval)
     p = sub.add_parser("decision", help="Both decision heads (gill-hf train-decision) on world prompts labelled by "
                                         "whether the scene is in the retrieval set.")
     p.add_argument("--model", default=str(GILL_TINY_DIR))
@@ -487,6 +530,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-prompts", type=int, default=800)
     p.add_argument("--num-train", type=int, default=600)
     p.add_argument("--info", default=None, help="JSON file of extra facts for the card (data, wall time, hardware).")
+    p.add_argument("--retrieval-refit", default=None, help="The checkpoint's `gill-tiny train-retrieval` output: ship its weights.")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_ship)
     p = sub.add_parser("export", help="Checkpoint -> the shipped fp16 adapter folder.")
