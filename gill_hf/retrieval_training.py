@@ -29,6 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .metrics.functional import retrieval_metrics
 from .modeling.training_passes import symmetric_info_nce
 
+# The tensors `fit_retrieval_heads` trains (module or parameter names of GillForConditionalGeneration).
 RETRIEVAL_PARAMETERS = ("text_retrieval_projection", "image_retrieval_projection", "logit_scale")
 
 
@@ -116,8 +117,8 @@ def fit_retrieval_heads(model, train: RetrievalFeatures, eval_features: Retrieva
         raise ValueError(f"`batch_size` must be an int in [2, {len(train)}] (the number of training pairs), got {batch_size!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
-    params = [p for name in RETRIEVAL_PARAMETERS for p in ([getattr(model, name)] if name == "logit_scale"
-                                                             else getattr(model, name).parameters())]
+    params = [*model.text_retrieval_projection.parameters(), *model.image_retrieval_projection.parameters(),
+              model.logit_scale]
     trainable = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     for p in params:

@@ -27,6 +27,7 @@ import numpy as np
 from .render import COLOUR_NAMES, POSITION_PHRASES, POSITIONS, SHAPES, SIZE_WORDS, SIZES
 
 EVAL_SEED_BASE = 70_000
+ROW_GROUPS = ("text-to-image", "stories", "image+text", "image-to-text", "retrieval", "decision")
 
 
 def _article(phrase: str) -> str:
@@ -117,11 +118,8 @@ def evaluate_world(args) -> dict:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from ..demo import caption_mentions, load_demo_pipeline
-    from .data import sample_example
-    from .gill_tiny import decision_prompts, scene_key
+    from ..demo import load_demo_pipeline
     from .judge import load_judge
-    from .render import render_scene
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,81 +129,119 @@ def evaluate_world(args) -> dict:
                                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     sd.set_progress_bar_config(disable=True)
     judge = load_judge()
-    seed = EVAL_SEED_BASE + args.seed
-    n = args.num
+    seed = EVAL_SEED_BASE + args.seed  # each row group draws from its own offset of it
     table: dict[str, dict] = {}
 
     def log(msg):
         print(f"[eval-world | {time.time() - start:6.1f} s] {msg}", flush=True)
 
+    groups = set(args.rows or ROW_GROUPS)
     with torch.no_grad():
-        # text -> image, single objects, validation (seen pairs) and heldout (unseen shape/colour pairs)
-        for split in ("validation", "heldout"):
-            scenes = [sample_example(seed, split, i, num_objects=1) for i in range(n)]
-            captions = [c for _, c in scenes]
-            truths = [{k: s.labels()[k + "s"][0] for k in ("shape", "colour", "size", "position")} for s, _ in scenes]
-            table[f"text->image ({split}) GILL-tiny"] = _score(_judge(judge, _gill_images(pipe, captions, args, seed)), truths)
-            table[f"text->image ({split}) world SD"] = _score(_judge(judge, _sd_images(sd, captions, args, seed)), truths)
-            log(f"text -> image, {split}")
-        # contextual generation: stories
-        stories = make_stories(n, seed)
-        texts, truths = [s for s, _, _ in stories], [f for _, f, _ in stories]
-        gill = _judge(judge, _gill_images(pipe, texts, args, seed + 1))
-        base = _judge(judge, _sd_images(sd, texts, args, seed + 1))
-        table["stories GILL-tiny"] = _score(gill, truths)
-        table["stories world SD (concatenated text)"] = _score(base, truths)
-        for kind in ("colour", "size", "position", "same-shape", "distractor"):
-            idx = [i for i, (_, _, k) in enumerate(stories) if k == kind]
-            table[f"stories/{kind} GILL-tiny"] = _score([gill[i] for i in idx], [truths[i] for i in idx])
-            table[f"stories/{kind} world SD"] = _score([base[i] for i in idx], [truths[i] for i in idx])
-        log("stories")
-        # interleaved image + text -> image
-        rng = random.Random(f"interleaved/{seed}")
-        prompts, sd_texts, truths = [], [], []
-        for i in range(n):
-            scene, _ = sample_example(seed + 2, "validation", i, num_objects=1)
-            labels = scene.labels()
-            colour = rng.choice([c for c in COLOUR_NAMES if c != labels["colours"][0]])
-            text = f"The same shape, but {colour}."
-            prompts.append([render_scene(scene), text])
-            sd_texts.append(text)
-            truths.append({"shape": labels["shapes"][0], "colour": colour, "size": labels["sizes"][0], "position": labels["positions"][0]})
-        table["image+text GILL-tiny"] = _score(_judge(judge, _gill_images(pipe, prompts, args, seed + 2)), truths)
-        table["image+text world SD (text only)"] = _score(_judge(judge, _sd_images(sd, sd_texts, args, seed + 2)), truths)
-        log("image + text -> image")
-        # image -> text
-        hits = []
-        for i in range(n):
-            scene, _ = sample_example(seed + 3, "validation", i, num_objects=1)
-            out = pipe(prompt=[render_scene(scene)], max_new_tokens=args.caption_tokens, max_images=1, image_source="generated",
-                       num_inference_steps=1, generator=torch.Generator().manual_seed(seed + i))
-            labels = scene.labels()
-            hits.append(caption_mentions(out.text[0], {"colour": labels["colours"][0], "shape": labels["shapes"][0]}))
-        table["image->text GILL-tiny"] = {"colour": float(np.mean([h["colour"] for h in hits])),
-                                          "shape": float(np.mean([h["shape"] for h in hits])),
-                                          "colour+shape": float(np.mean([h["colour"] and h["shape"] for h in hits])), "n": n}
-        log("image -> text")
-        # retrieval: queries re-phrase scenes of the retrieval set
+        if "text-to-image" in groups:
+            table.update(_text_to_image_rows(pipe, sd, judge, args, seed))
+            log("text -> image")
+        if "stories" in groups:
+            table.update(_story_rows(pipe, sd, judge, args, seed))
+            log("stories")
+        if "image+text" in groups:
+            table.update(_interleaved_rows(pipe, sd, judge, args, seed))
+            log("image + text -> image")
+        if "image-to-text" in groups:
+            table["image->text GILL-tiny"] = _caption_row(pipe, args, seed)
+            log("image -> text")
         model, processor = pipe.gill_model, pipe.processor
-        queries = [p for p in decision_prompts(2 * n, seed=seed + 4, index_dataset=dataset) if p[1] == "retrieve"]
-        keys = [scene_key(row) for row in dataset.select_columns(["shapes", "colours", "sizes", "positions"])]
-        rows = processor.build_training_inputs([q for q, _, _ in queries], max_length=48)
-        states = model(input_ids=rows["input_ids"]).img_hidden_states
-        text = model.get_text_retrieval_embeds(states).float()
-        top_idx = pipe.retrieval_index.search(text, k=1)[1][:, 0]
-        match = [keys[int(j)] == scene_key(labels) for j, (_, _, labels) in zip(top_idx, queries)]
-        table["retrieval top-1 all attributes match"] = {"accuracy": float(np.mean(match)), "n": len(match)}
-        log("retrieval")
-        # decision heads on fresh prompts
-        table.update(_decision_rows(args, model, processor, pipe.retrieval_index, dataset, seed + 5, n))
-        log("decision")
-    meta = {"seed": args.seed, "n": n, "steps": args.steps, "guidance_scale": args.guidance_scale,
-            "wall_s": round(time.time() - start, 1)}
+        if "retrieval" in groups:
+            table["retrieval top-1 all attributes match"] = _retrieval_row(model, processor, pipe.retrieval_index, dataset,
+                                                                           seed + 4, args.num)
+            log("retrieval")
+        if "decision" in groups:
+            table.update(_decision_rows(args, model, processor, pipe.retrieval_index, dataset, seed + 5, args.num))
+            log("decision")
+    meta = {"seed": args.seed, "n": args.num, "steps": args.steps, "guidance_scale": args.guidance_scale,
+            "rows": sorted(groups), "wall_s": round(time.time() - start, 1)}
     result = {"meta": meta, "table": table}
     print(format_table(table))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _text_to_image_rows(pipe, sd, judge, args, seed: int) -> dict:
+    """Single-object captions, validation (seen shape/colour pairs) and heldout (unseen pairs)."""
+    from .data import sample_example
+
+    table = {}
+    for split in ("validation", "heldout"):
+        scenes = [sample_example(seed, split, i, num_objects=1) for i in range(args.num)]
+        captions = [c for _, c in scenes]
+        truths = [{k: s.labels()[k + "s"][0] for k in ("shape", "colour", "size", "position")} for s, _ in scenes]
+        table[f"text->image ({split}) GILL-tiny"] = _score(_judge(judge, _gill_images(pipe, captions, args, seed)), truths)
+        table[f"text->image ({split}) world SD"] = _score(_judge(judge, _sd_images(sd, captions, args, seed)), truths)
+    return table
+
+
+def _story_rows(pipe, sd, judge, args, seed: int) -> dict:
+    stories = make_stories(args.num, seed)
+    texts, truths = [s for s, _, _ in stories], [f for _, f, _ in stories]
+    gill = _judge(judge, _gill_images(pipe, texts, args, seed + 1))
+    base = _judge(judge, _sd_images(sd, texts, args, seed + 1))
+    table = {"stories GILL-tiny": _score(gill, truths), "stories world SD (concatenated text)": _score(base, truths)}
+    for kind in ("colour", "size", "position", "same-shape", "distractor"):
+        idx = [i for i, (_, _, k) in enumerate(stories) if k == kind]
+        table[f"stories/{kind} GILL-tiny"] = _score([gill[i] for i in idx], [truths[i] for i in idx])
+        table[f"stories/{kind} world SD"] = _score([base[i] for i in idx], [truths[i] for i in idx])
+    return table
+
+
+def _interleaved_rows(pipe, sd, judge, args, seed: int) -> dict:
+    """[image] "The same shape, but <colour>." -> image; the world SD only gets the text."""
+    from .data import sample_example
+    from .render import render_scene
+
+    rng = random.Random(f"interleaved/{seed}")
+    prompts, sd_texts, truths = [], [], []
+    for i in range(args.num):
+        scene, _ = sample_example(seed + 2, "validation", i, num_objects=1)
+        labels = scene.labels()
+        colour = rng.choice([c for c in COLOUR_NAMES if c != labels["colours"][0]])
+        text = f"The same shape, but {colour}."
+        prompts.append([render_scene(scene), text])
+        sd_texts.append(text)
+        truths.append({"shape": labels["shapes"][0], "colour": colour, "size": labels["sizes"][0], "position": labels["positions"][0]})
+    return {"image+text GILL-tiny": _score(_judge(judge, _gill_images(pipe, prompts, args, seed + 2)), truths),
+            "image+text world SD (text only)": _score(_judge(judge, _sd_images(sd, sd_texts, args, seed + 2)), truths)}
+
+
+def _caption_row(pipe, args, seed: int) -> dict:
+    """Colour and shape words of GILL-tiny's caption of a single-object image."""
+    import torch
+
+    from ..demo import caption_mentions
+    from .data import sample_example
+    from .render import render_scene
+
+    hits = []
+    for i in range(args.num):
+        scene, _ = sample_example(seed + 3, "validation", i, num_objects=1)
+        out = pipe(prompt=[render_scene(scene)], max_new_tokens=args.caption_tokens, max_images=1, image_source="generated",
+                   num_inference_steps=1, generator=torch.Generator().manual_seed(seed + i))
+        labels = scene.labels()
+        hits.append(caption_mentions(out.text[0], {"colour": labels["colours"][0], "shape": labels["shapes"][0]}))
+    return {"colour": float(np.mean([h["colour"] for h in hits])), "shape": float(np.mean([h["shape"] for h in hits])),
+            "colour+shape": float(np.mean([h["colour"] and h["shape"] for h in hits])), "n": args.num}
+
+
+def _retrieval_row(model, processor, index, dataset, seed: int, n: int) -> dict:
+    """Top-1 of queries that re-phrase scenes of the retrieval set: does its scene match exactly?"""
+    from .gill_tiny import decision_prompts, scene_key
+
+    queries = [p for p in decision_prompts(2 * n, seed=seed, index_dataset=dataset) if p[1] == "retrieve"]
+    keys = [scene_key(row) for row in dataset.select_columns(["shapes", "colours", "sizes", "positions"])]
+    rows = processor.build_training_inputs([q for q, _, _ in queries], max_length=48)
+    text = model.get_text_retrieval_embeds(model(input_ids=rows["input_ids"]).img_hidden_states).float()
+    top_idx = index.search(text, k=1)[1][:, 0]
+    match = [keys[int(j)] == scene_key(labels) for j, (_, _, labels) in zip(top_idx, queries)]
+    return {"accuracy": float(np.mean(match)), "n": len(match)}
 
 
 def _decision_rows(args, model, processor, index, dataset, seed: int, n: int) -> dict:
@@ -256,6 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-head-model", default=None, help="A GILL-tiny folder holding the other decision head variant.")
     parser.add_argument("--output", default=None, help="Write the table as JSON here.")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--rows", nargs="+", choices=ROW_GROUPS, default=None,
+                        help="Row groups to run (default: all), e.g. `--rows retrieval decision --num 200`.")
 
 
 def register(subparsers) -> None:
