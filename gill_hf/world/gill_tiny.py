@@ -491,7 +491,7 @@ def _cmd_export(ns) -> None:
 
 def register(subparsers) -> None:
     """Adds `gill-tiny {prepare,command,train,train-retrieval,decision,ship,export}` (for `gill-hf` to register)."""
-    parser = subparsers.add_parser("gill-tiny", help="GILL-tiny on the embedded world: prepare data/targets/init, train, export.")
+    parser = subparsers.add_parser("gill-tiny", help="GILL-tiny on the embedded world: prepare data/targets/init, train, refit retrieval, ship.")
     sub = parser.add_subparsers(dest="gill_tiny_command", required=True)
 
     def common(p):
