@@ -7,7 +7,7 @@ function; this file only wires them together. Every command sets `func(namespace
     gill-hf convert-original ORIGINAL_DIR OUTPUT_DIR --text-model ... --vision-model ...
     gill-hf demo --output-dir out/demo
     gill-hf eval-world
-    gill-hf gill-tiny {prepare,command,train,export}
+    gill-hf gill-tiny {prepare,command,train,train-retrieval,decision,ship,export}
     gill-hf world {generate,train-judge,train-clip,train-vae,train-unet,evaluate}
 """
 
