@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,22 @@ def evaluate_recall(model, features: RetrievalFeatures) -> dict[str, float]:
     return retrieval_metrics(text.float(), image.float())
 
 
+def retrieval_parameters(model) -> list[torch.nn.Parameter]:
+    """The tensors named by `RETRIEVAL_PARAMETERS` (a module's parameters, or the parameter itself)."""
+    params = []
+    for name in RETRIEVAL_PARAMETERS:
+        attribute = getattr(model, name)
+        params += [attribute] if isinstance(attribute, torch.nn.Parameter) else list(attribute.parameters())
+    return params
+
+
+def check_feature_widths(model, features: RetrievalFeatures, name: str) -> None:
+    expected = (model.text_retrieval_projection.in_features, model.image_retrieval_projection.in_features)
+    got = (features.text_states.shape[1], features.image_features.shape[1])
+    if got != expected:
+        raise ValueError(f"`{name}` has (text, image) feature widths {got}; this model's retrieval heads take {expected}.")
+
+
 @dataclass
 class RetrievalFitResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -110,30 +127,36 @@ def fit_retrieval_heads(model, train: RetrievalFeatures, eval_features: Retrieva
                         warmup_ratio: float = 0.05, max_grad_norm: float = 1.0, seed: int = 0,
                         logging_steps: int = 100, progress: bool = False) -> RetrievalFitResult:
     """Refits `text_retrieval_projection`, `image_retrieval_projection` and `logit_scale` in place
-    with the reference's optimiser (AdamW, betas 0.9/0.95, eps 1e-8, clipping 1.0), batches drawn
-    without replacement (a fresh permutation per epoch), linear warm-up and cosine decay. No other
-    parameter of `model` is touched."""
+    with the reference's AdamW (betas 0.9/0.95, eps 1e-8, clipping 1.0), batches drawn without
+    replacement (a fresh permutation per epoch). Unlike the reference's joint run: weight decay on
+    the two matrices only (not on biases and `logit_scale`) and linear warm-up + cosine decay (a
+    short fit has no use for the 10k-step StepLR). No other parameter of `model` is touched, and
+    `requires_grad` flags are restored whatever happens."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 2 <= batch_size <= len(train):
         raise ValueError(f"`batch_size` must be an int in [2, {len(train)}] (the number of training pairs), got {batch_size!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
-    params = [*model.text_retrieval_projection.parameters(), *model.image_retrieval_projection.parameters(),
-              model.logit_scale]
+    if isinstance(logging_steps, bool) or not isinstance(logging_steps, int) or logging_steps < 1:
+        raise ValueError(f"`logging_steps` must be a positive int, got {logging_steps!r}.")
+    for name, features in (("train", train), ("eval_features", eval_features)):
+        if features is not None:
+            check_feature_widths(model, features, name)
+    params = retrieval_parameters(model)
     trainable = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    result = RetrievalFitResult(eval_before=evaluate_recall(model, eval_features) if eval_features is not None else None)
-    # weight decay on the projection matrices only (not on biases or logit_scale)
-    decay = [p for p in params if p.ndim == 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": [p for p in params if p.ndim != 2], "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
-    generator = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(len(train), generator=generator), 0
     bar = tqdm(total=steps, desc="train-retrieval", unit="step", disable=not progress)
     try:
+        model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        result = RetrievalFitResult(eval_before=evaluate_recall(model, eval_features) if eval_features is not None else None)
+        # weight decay on the projection matrices only (not on biases or logit_scale)
+        decay = [p for p in params if p.ndim == 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": [p for p in params if p.ndim != 2], "weight_decay": 0.0}],
+                                      lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
+        generator = torch.Generator().manual_seed(seed)
+        order, cursor = torch.randperm(len(train), generator=generator), 0
         for step in range(1, steps + 1):
             if cursor + batch_size > len(order):
                 order, cursor = torch.randperm(len(train), generator=generator), 0
@@ -158,20 +181,52 @@ def fit_retrieval_heads(model, train: RetrievalFeatures, eval_features: Retrieva
     return result
 
 
+def _check_arguments(namespace: argparse.Namespace) -> None:
+    """Before the feature pass (minutes on a CPU), not after it."""
+    minimums = {"batch_size": 2, "steps": 1, "logging_steps": 1, "feature_batch_size": 1, "max_length": 1}
+    for name, minimum in minimums.items():
+        if getattr(namespace, name) < minimum:
+            raise ValueError(f"`--{name}` must be >= {minimum}, got {getattr(namespace, name)}.")
+    if namespace.max_train_samples is not None and namespace.max_train_samples < namespace.batch_size:
+        raise ValueError(f"`--max_train_samples` ({namespace.max_train_samples}) must be at least `--batch_size` "
+                         f"({namespace.batch_size}).")
+    from .training import LORA_FOLDER
+
+    if os.path.isdir(os.path.join(namespace.model_name_or_path, LORA_FOLDER)):
+        raise ValueError(f"{namespace.model_name_or_path!r} holds LoRA weights ({LORA_FOLDER}/); train-retrieval refits "
+                         "models without LoRA only (the saved model would lose them).")
+
+
+def load_for_refit(path: str, backbone_dtype: str):
+    """(model in eval mode, checkpoint form). `bfloat16` applies to the frozen backbones only (GILL's
+    heads load in fp32), as `gill-hf train --backbone_dtype` loads them, and only for adapter-form
+    checkpoints: a full-form save would write the backbones back in that dtype."""
+    from .modeling import GillConfig, GillForConditionalGeneration
+
+    references = GillConfig.from_pretrained(path).backbone_references or {}
+    form = "adapter" if references.get("text_model") and references.get("vision_model") else "full"
+    if backbone_dtype != "float32" and form == "full":
+        raise ValueError(f"`--backbone_dtype {backbone_dtype}` needs an adapter-form checkpoint; {path!r} is full form "
+                         "and would be saved with its backbones in that dtype. Use float32.")
+    return GillForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, backbone_dtype)).eval(), form
+
+
 def run_train_retrieval(namespace: argparse.Namespace) -> dict:
     from .data import load_saved_or_hub_dataset, prepare_hf_dataset
-    from .modeling import GillForConditionalGeneration
     from .processing_gill import GillProcessor
 
+    _check_arguments(namespace)
     start = time.time()
-    model = GillForConditionalGeneration.from_pretrained(namespace.model_name_or_path, dtype=getattr(torch, namespace.backbone_dtype))
-    model.eval()  # features come from the frozen model; dropout off
+    model, form = load_for_refit(namespace.model_name_or_path, namespace.backbone_dtype)
     processor = GillProcessor.from_pretrained(namespace.processor_name_or_path or namespace.model_name_or_path)
+    if model.config.decision_head_type == "hidden_and_score":
+        warnings.warn("The model's 'hidden_and_score' decision head reads the retrieval score, whose scale the refit "
+                      "changes: retrain it with `gill-hf train-decision` on the refit model.", stacklevel=2)
 
     def split(name, limit):
         dataset = prepare_hf_dataset(load_saved_or_hub_dataset(namespace.dataset_name, None, name),
                                      namespace.image_column, namespace.caption_column)
-        return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+        return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
     print(f"[train-retrieval] features of {namespace.dataset_name} ({namespace.train_split})", flush=True)
     train = compute_features(model, processor, split(namespace.train_split, namespace.max_train_samples),
@@ -185,11 +240,9 @@ def run_train_retrieval(namespace: argparse.Namespace) -> dict:
     result = fit_retrieval_heads(model, train, evaluation, batch_size=namespace.batch_size, steps=namespace.steps,
                                  learning_rate=namespace.learning_rate, weight_decay=namespace.weight_decay,
                                  seed=namespace.seed, logging_steps=namespace.logging_steps, progress=True)
-    references = model.config.backbone_references or {}
-    form = "adapter" if references.get("text_model") and references.get("vision_model") else "full"
     model.save_pretrained(namespace.output_dir, form=form)
     processor.save_pretrained(namespace.output_dir)
-    metrics = {"num_pairs": len(train), "batch_size": namespace.batch_size, "steps": namespace.steps,
+    metrics = {"model_name_or_path": os.path.abspath(namespace.model_name_or_path), "num_pairs": len(train), "batch_size": namespace.batch_size, "steps": namespace.steps,
                "learning_rate": namespace.learning_rate, "losses": result.losses, "eval_before": result.eval_before,
                "eval_after": result.eval_after, "logit_scale_exp": model.logit_scale.exp().item(),
                "features_s": round(features_s, 1), "wall_s": round(time.time() - start, 1), "form": form}
@@ -214,10 +267,12 @@ def register_retrieval_command(subparsers) -> None:
     p.add_argument("--batch_size", type=int, default=200, help="Contrastive batch (reference: global batch 200).")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate (reference: 1e-3).")
-    p.add_argument("--weight_decay", type=float, default=0.01, help="On the projection matrices (reference: 0.01).")
+    p.add_argument("--weight_decay", type=float, default=0.01,
+                   help="On the two projection matrices only (the reference's 0.01, which it applies to every tensor).")
     p.add_argument("--max_length", type=int, default=32, help="Row length cap, [IMG] block included (as in `gill-hf train`).")
     p.add_argument("--feature_batch_size", type=int, default=64, help="Rows per forward pass of the feature computation.")
-    p.add_argument("--backbone_dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the frozen backbones.")
+    p.add_argument("--backbone_dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the frozen backbones for the feature pass (bfloat16: adapter-form checkpoints only).")
     p.add_argument("--logging_steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train_retrieval)

@@ -74,6 +74,11 @@ def test_standardised_training_uses_a_score_feature_on_its_own_scale():
     folded = train_decision_head(features, labels, config, num_train=300)
     raw = train_decision_head(features, labels, config, num_train=300, standardize=False)
     assert folded.eval_f1 >= 0.9 > 0.75 >= raw.eval_f1, (folded.eval_f1, raw.eval_f1)
+    # The fold is exact: the saved head on raw features = a head trained on standardised ones, in eval mode.
+    mean, std = features[:300].mean(0), features[:300].std(0, correction=0)
+    on_scaled = train_decision_head((features - mean) / std, labels, config, num_train=300, standardize=False)
+    with torch.no_grad():
+        assert torch.allclose(folded.head(features), on_scaled.head((features - mean) / std), atol=1e-4)
     constant = torch.cat([features, torch.full((400, 1), 3.0)], dim=1)  # a constant column is left unscaled
     config.text_config.hidden_size += 1
     assert train_decision_head(constant, labels, config, num_train=300).eval_f1 == pytest.approx(folded.eval_f1, abs=0.02)

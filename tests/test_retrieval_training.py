@@ -13,6 +13,7 @@ from test_cli import tiny_checkpoint
 from test_training import one_thread  # noqa: F401 (autouse: one torch thread)
 
 from gill_hf import GillForConditionalGeneration, GillProcessor
+from gill_hf import retrieval_training
 from gill_hf.cli import main
 from gill_hf.data import GillDataCollator
 from gill_hf.retrieval_training import (RETRIEVAL_PARAMETERS, RetrievalFeatures, compute_features, contrastive_loss,
@@ -83,17 +84,44 @@ def test_fit_learns_and_touches_only_the_retrieval_heads(tmp_path):
     assert torch.equal(again.text_retrieval_projection.weight, model.text_retrieval_projection.weight)  # seeded
 
 
-def test_bad_arguments_fail_clearly(tmp_path):
-    model, _ = load(tiny_checkpoint(tmp_path / "model"))
+def test_bad_arguments_fail_clearly_and_leave_the_model_as_it_was(tmp_path, monkeypatch):
+    folder = tiny_checkpoint(tmp_path / "model")
+    model, _ = load(folder)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     train = synthetic_features(model, 10, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         fit_retrieval_heads(model, train, batch_size=11)
     with pytest.raises(ValueError, match="steps"):
         fit_retrieval_heads(model, train, batch_size=4, steps=0)
+    with pytest.raises(ValueError, match="logging_steps"):
+        fit_retrieval_heads(model, train, batch_size=4, logging_steps=0)
+    with pytest.raises(ValueError, match="eval_features"):  # widths of another model's features
+        fit_retrieval_heads(model, train, RetrievalFeatures(torch.zeros(5, 7), torch.zeros(5, 24)), batch_size=4)
     with pytest.raises(ValueError, match="text states"):
         RetrievalFeatures(torch.zeros(3, 32), torch.zeros(4, 24))
     with pytest.raises(ValueError, match="captions"):
         img0_states(model, None, [])
+
+    def failing_loss(*args):  # fails inside the fit, after the retrieval heads were unfrozen
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(retrieval_training, "contrastive_loss", failing_loss)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit_retrieval_heads(model, train, batch_size=4, steps=3)
+    assert flags == {name: p.requires_grad for name, p in model.named_parameters()}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    # The command checks its arguments before the feature pass, and refuses what it would save wrongly.
+    common = ["train-retrieval", "--model_name_or_path", str(folder), "--dataset_name", str(tmp_path / "none"),
+              "--output_dir", str(tmp_path / "out")]
+    for extra, match in ((["--batch_size", "1"], "batch_size"), (["--logging_steps", "0"], "logging_steps"),
+                         (["--max_train_samples", "8", "--batch_size", "16"], "max_train_samples")):
+        with pytest.raises(ValueError, match=match):
+            main(common + extra)
+    with pytest.raises(ValueError, match="adapter-form"):  # a full-form save would write bf16 backbones
+        main(common + ["--backbone_dtype", "bfloat16"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_command_saves_a_model_that_reloads_with_its_metrics(tmp_path):

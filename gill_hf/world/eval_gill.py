@@ -125,17 +125,20 @@ def evaluate_world(args) -> dict:
         torch.set_num_threads(args.threads)
     start = time.time()
     pipe, dataset = load_demo_pipeline(args.model, args.sd)
-    sd = StableDiffusionPipeline.from_pretrained(str(args.sd or Path(__file__).parent / "assets" / "sd"), dtype=torch.float32,
-                                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    sd.set_progress_bar_config(disable=True)
-    judge = load_judge()
-    seed = EVAL_SEED_BASE + args.seed  # each row group draws from its own offset of it
+    groups = set(args.rows or ROW_GROUPS)
+    sd = judge = None
+    if groups & {"text-to-image", "stories", "image+text"}:  # the rows that draw images to judge
+        sd = StableDiffusionPipeline.from_pretrained(str(args.sd or Path(__file__).parent / "assets" / "sd"), dtype=torch.float32,
+                                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        sd.set_progress_bar_config(disable=True)
+        judge = load_judge()
+    # Every group seeds its own samplers from this base (fixed offsets), so `--rows` changes no group's draws.
+    seed = EVAL_SEED_BASE + args.seed
     table: dict[str, dict] = {}
 
     def log(msg):
         print(f"[eval-world | {time.time() - start:6.1f} s] {msg}", flush=True)
 
-    groups = set(args.rows or ROW_GROUPS)
     with torch.no_grad():
         if "text-to-image" in groups:
             table.update(_text_to_image_rows(pipe, sd, judge, args, seed))

@@ -206,7 +206,8 @@ def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = D
 
 
 def retrieval_argv(checkpoint: str | os.PathLike, output_dir: str | None = None, num_train: int = DEFAULT_NUM_TRAIN,
-                   num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, steps: int = 3000, batch_size: int = 200) -> list[str]:
+                   num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, steps: int = 3000, batch_size: int = 200,
+                   backbone_dtype: str = "bfloat16") -> list[str]:
     """The `gill-hf train-retrieval` arguments: GILL-tiny's retrieval projections refit at the
     reference's contrastive batch (200) on the frozen features of the training pairs."""
     return [
@@ -215,11 +216,11 @@ def retrieval_argv(checkpoint: str | os.PathLike, output_dir: str | None = None,
         "--train_split", "train", "--eval_split", "validation",
         "--output_dir", output_dir or str(work_dir() / "retrieval"),
         "--batch_size", str(batch_size), "--steps", str(steps),
-        "--backbone_dtype", "bfloat16", "--seed", str(seed),
+        "--backbone_dtype", backbone_dtype, "--seed", str(seed),  # as in training: the features it learnt on
     ]
 
 
-# ----- step 3: export ---------------------------------------------------------------------------------------
+# ----- step 4: export and ship ---------------------------------------------------------------------------------------
 
 
 def export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TINY_DIR) -> Path:
@@ -406,6 +407,10 @@ def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TIN
     (`gill-hf train-decision`) -> the shipped folder (GILL-tiny with the `hidden_and_score` head,
     fp16) with its card and training curve (from the checkpoint's trainer state)."""
     checkpoint = Path(checkpoint)
+    if retrieval_refit:
+        refit_of = json.loads((Path(retrieval_refit) / "retrieval_metrics.json").read_text())["model_name_or_path"]
+        if Path(refit_of).resolve() != checkpoint.resolve():
+            raise ValueError(f"{str(retrieval_refit)!r} is a refit of {refit_of!r}, not of {str(checkpoint)!r}.")
     staging = work_dir() / "ship"
     plain = export(retrieval_refit or checkpoint, staging / "adapter")
     decision = train_decision(plain, staging / "decision", num_prompts=num_prompts, num_train=num_train)
@@ -462,7 +467,8 @@ def _cmd_retrieval(ns) -> None:
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    argv = retrieval_argv(ns.checkpoint, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.steps, ns.batch_size)
+    argv = retrieval_argv(ns.checkpoint, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.steps, ns.batch_size,
+                          ns.backbone_dtype)
     print("[gill-tiny] gill-hf train-retrieval " + " ".join(shlex.quote(a) for a in argv), flush=True)
     gill_main(["train-retrieval", *argv])
 
@@ -522,6 +528,7 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", default=None, help="Default: <work>/retrieval.")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--backbone-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_retrieval)
     p = sub.add_parser("decision", help="Both decision heads (gill-hf train-decision) on world prompts labelled by "
