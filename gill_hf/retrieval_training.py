@@ -190,11 +190,9 @@ def _check_arguments(namespace: argparse.Namespace) -> None:
     if namespace.max_train_samples is not None and namespace.max_train_samples < namespace.batch_size:
         raise ValueError(f"`--max_train_samples` ({namespace.max_train_samples}) must be at least `--batch_size` "
                          f"({namespace.batch_size}).")
-    from .training import LORA_FOLDER
+    from .training import refuse_lora_checkpoint
 
-    if os.path.isdir(os.path.join(namespace.model_name_or_path, LORA_FOLDER)):
-        raise ValueError(f"{namespace.model_name_or_path!r} holds LoRA weights ({LORA_FOLDER}/); train-retrieval refits "
-                         "models without LoRA only (the saved model would lose them).")
+    refuse_lora_checkpoint(namespace.model_name_or_path, "gill-hf train-retrieval")
 
 
 def load_for_refit(path: str, backbone_dtype: str):

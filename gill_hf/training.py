@@ -160,6 +160,14 @@ def load_lora(model: torch.nn.Module, folder: str | os.PathLike) -> bool:
     return True
 
 
+def refuse_lora_checkpoint(folder: str | os.PathLike, command: str) -> None:
+    """For commands that load a checkpoint without its LoRA and save it again: refusing beats
+    silently dropping the `lora/` weights (and computing features the saved model would not give)."""
+    if os.path.isdir(os.path.join(folder, LORA_FOLDER)):
+        raise ValueError(f"{os.fspath(folder)!r} holds LoRA weights ({LORA_FOLDER}/); `{command}` takes models without "
+                         "LoRA only (the saved model would lose them).")
+
+
 def reference_lr_lambda(warmup_steps: int, step_size: int, gamma: float):
     """Linear warmup to the peak (GradualWarmupScheduler, multiplier 1), then StepLR counted from
     the end of warmup, as the reference's scheduler pair."""

@@ -90,3 +90,4 @@ def test_eval_world_runs_the_selected_row_groups(tmp_path, capsys):
     # measured on the committed GILL-tiny (these seeds): captions 6/6 colour + shape, retrieval 6/6, decision 9/12
     assert table["image->text GILL-tiny"]["colour+shape"] >= 4 / 6
     assert table["retrieval top-1 all attributes match"]["accuracy"] >= 4 / 6
+    assert table["decision accuracy (hidden_and_score, 577 inputs)"]["accuracy"] >= 6 / 12

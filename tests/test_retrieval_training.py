@@ -122,6 +122,12 @@ def test_bad_arguments_fail_clearly_and_leave_the_model_as_it_was(tmp_path, monk
     with pytest.raises(ValueError, match="adapter-form"):  # a full-form save would write bf16 backbones
         main(common + ["--backbone_dtype", "bfloat16"])
     assert not (tmp_path / "out").exists()
+    (folder / "lora").mkdir()  # a LoRA-trained checkpoint: both head commands would drop its LoRA when saving
+    with pytest.raises(ValueError, match="LoRA"):
+        main(common)
+    with pytest.raises(ValueError, match="LoRA"):
+        main(["train-decision", "--model_name_or_path", str(folder), "--prompts", str(tmp_path / "p.tsv"),
+              "--output_dir", str(tmp_path / "out")])
 
 
 def test_command_saves_a_model_that_reloads_with_its_metrics(tmp_path):
