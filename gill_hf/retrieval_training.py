@@ -240,8 +240,8 @@ def run_train_retrieval(namespace: argparse.Namespace) -> dict:
                                  seed=namespace.seed, logging_steps=namespace.logging_steps, progress=True)
     model.save_pretrained(namespace.output_dir, form=form)
     processor.save_pretrained(namespace.output_dir)
-    metrics = {"model_name_or_path": os.path.abspath(namespace.model_name_or_path), "num_pairs": len(train), "batch_size": namespace.batch_size, "steps": namespace.steps,
-               "learning_rate": namespace.learning_rate, "losses": result.losses, "eval_before": result.eval_before,
+    metrics = {"model_name_or_path": os.path.abspath(namespace.model_name_or_path), "num_pairs": len(train),
+               "batch_size": namespace.batch_size, "steps": namespace.steps, "learning_rate": namespace.learning_rate, "losses": result.losses, "eval_before": result.eval_before,
                "eval_after": result.eval_after, "logit_scale_exp": model.logit_scale.exp().item(),
                "features_s": round(features_s, 1), "wall_s": round(time.time() - start, 1), "form": form}
     with open(os.path.join(namespace.output_dir, "retrieval_metrics.json"), "w") as handle:
