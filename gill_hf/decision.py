@@ -160,6 +160,7 @@ def run_train_decision(namespace: argparse.Namespace) -> dict:
     from .modeling import GillForConditionalGeneration
     from .processing_gill import GillProcessor
 
+    from .hub import default_form
     from .training import refuse_lora_checkpoint
 
     refuse_lora_checkpoint(namespace.model_name_or_path, "gill-hf train-decision")
@@ -180,8 +181,7 @@ def run_train_decision(namespace: argparse.Namespace) -> dict:
                                  steps=namespace.steps, lr=namespace.learning_rate, seed=namespace.seed,
                                  standardize=namespace.feature_scaling == "standard")
     attach_decision_head(model, result.head, namespace.head_type)
-    references = config.backbone_references or {}
-    form = "adapter" if references.get("text_model") and references.get("vision_model") else "full"
+    form = default_form(config)
     model.save_pretrained(namespace.output_dir, form=form)
     processor.save_pretrained(namespace.output_dir)
     metrics = {"head_type": namespace.head_type, "num_examples": len(texts), "train_macro_f1": result.train_f1,

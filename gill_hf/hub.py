@@ -23,14 +23,19 @@ BASE_TAGS = ["gill", "gill-hf", "multimodal", "text-to-image", "image-retrieval"
 FORMS = ("full", "adapter")
 
 
+def default_form(config) -> str:
+    """Adapter whenever every backbone of a GillConfig has a reference, else full."""
+    references = config.backbone_references or {}
+    return "adapter" if all(references.get(name) for name in ("text_model", "vision_model")) else "full"
+
+
 def choose_form(model, form: str | None) -> str:
-    """`form=None` means adapter whenever every backbone has a reference, else full."""
+    """`form=None` means `default_form(model.config)`."""
     if form is not None:
         if form not in FORMS:
             raise ValueError(f"`form` must be None, 'full' or 'adapter', got {form!r}.")
         return form
-    references = model.config.backbone_references or {}
-    return "adapter" if all(references.get(name) for name in ("text_model", "vision_model")) else "full"
+    return default_form(model.config)
 
 
 def _repo_id_of(reference: Any) -> str | None:

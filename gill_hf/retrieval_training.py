@@ -199,10 +199,10 @@ def load_for_refit(path: str, backbone_dtype: str):
     """(model in eval mode, checkpoint form). `bfloat16` applies to the frozen backbones only (GILL's
     heads load in fp32), as `gill-hf train --backbone_dtype` loads them, and only for adapter-form
     checkpoints: a full-form save would write the backbones back in that dtype."""
+    from .hub import default_form
     from .modeling import GillConfig, GillForConditionalGeneration
 
-    references = GillConfig.from_pretrained(path).backbone_references or {}
-    form = "adapter" if references.get("text_model") and references.get("vision_model") else "full"
+    form = default_form(GillConfig.from_pretrained(path))
     if backbone_dtype != "float32" and form == "full":
         raise ValueError(f"`--backbone_dtype {backbone_dtype}` needs an adapter-form checkpoint; {path!r} is full form "
                          "and would be saved with its backbones in that dtype. Use float32.")
