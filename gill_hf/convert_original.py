@@ -28,7 +28,6 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from .backbones import resolve_backbone
 from .modeling import GillConfig, GillForConditionalGeneration, add_gill_tokens
-from .modeling.checkpointing import atomic_directory, save_adapter_weights
 
 MODEL_ARGS = "model_args.json"
 GILL_CHECKPOINT = "pretrained_ckpt.pth.tar"
@@ -266,25 +265,24 @@ def convert_original(
 
     processor = _processor(tokenizer, image_processor, vision_model, config)
     index = _retrieval_index(original_dir)
-    with atomic_directory(output_dir) as staging:
-        if form == "adapter" and sd_model is None:
-            skeleton.load_state_dict(converted, strict=False, assign=True)
-            config.save_pretrained(staging)
-            save_adapter_weights(skeleton, staging)
-        else:
-            language_model, vision = GillForConditionalGeneration._load_backbones(text_model, vision_model)
-            model = GillForConditionalGeneration(config, language_model=language_model, vision_model=vision)
-            model.load_state_dict(converted, strict=False)
-            if sd_model is not None:
-                from .pipelines import GillPipeline
+    if form == "adapter" and sd_model is None:
+        skeleton.load_state_dict(converted, strict=False, assign=True)
+        model = skeleton
+    else:
+        language_model, vision = GillForConditionalGeneration._load_backbones(text_model, vision_model)
+        model = GillForConditionalGeneration(config, language_model=language_model, vision_model=vision)
+        model.load_state_dict(converted, strict=False)
+        if sd_model is not None:
+            from .pipelines import GillPipeline
 
-                pipeline = GillPipeline.from_sd_and_gill(sd_model, model.eval(), processor, retrieval_index=index)
-                pipeline.save_pretrained(staging)
-                return output_dir
-            model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        if index is not None:
-            index.save_pretrained(staging / "retrieval_index")
+            GillPipeline.from_sd_and_gill(sd_model, model.eval(), processor, retrieval_index=index).save_pretrained(output_dir)
+            return output_dir
+    # Each part is its own save (the model's and the index's manifests): the model comes last, so a
+    # folder that holds a model also holds its processor and index.
+    if index is not None:
+        index.save_pretrained(output_dir / "retrieval_index")
+    processor.save_pretrained(output_dir)
+    model.save_pretrained(output_dir, form=form)
     return output_dir
 
 

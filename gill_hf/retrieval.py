@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
 import struct
 from collections.abc import Iterable, Sequence
@@ -23,7 +25,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from safetensors.torch import save_file
 
-from .modeling.checkpointing import atomic_directory
+from .modeling.manifest import file_sha256, load_consistently, save_folder
 
 EMBEDDINGS_NAME = "embeddings.safetensors"
 REFERENCES_NAME = "references.jsonl"
@@ -35,6 +37,9 @@ _SAFETENSORS_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, t
 _LOW_PRECISION_MARGIN = 1e-2
 _SHORTLIST = 256  # extra candidates a 16-bit scan keeps for exact re-scoring
 _SEARCH_SCORES = 1 << 26  # float32 scores per matmul (256 MiB): bounds the working set of batched queries
+_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+logger = logging.getLogger(__name__)
 
 
 class GillRetrievalIndex(ModelMixin, ConfigMixin):
@@ -56,7 +61,11 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         super().__init__()
         self.embeddings = torch.empty(0, embedding_dim)  # a plain attribute: never a parameter, never copied by `.to`
         self._references: list[str] | None = []
-        self._references_file: Path | None = None  # parsed on first use: loading stays fast for millions of entries
+        # An open handle on the loaded version's references.jsonl, parsed on first use (loading stays
+        # fast for millions of entries); holding it keeps that version even if the folder is re-saved.
+        self._references_handle = None
+        self._embeddings_handle = None  # the loaded embeddings file (its first full scan verifies it)
+        self._embeddings_check: tuple[str, str | None] | None = None  # (file name, expected sha256) until checked
         self.dataset = None
         # Follows the pipeline's `.to(device)`; search runs there (the embeddings are copied once).
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
@@ -72,6 +81,9 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         (paths or URLs, one per row) or the rows of `dataset`."""
         if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
             raise ValueError(f"`embeddings` must be a (n, dim) tensor, got {getattr(embeddings, 'shape', type(embeddings))}.")
+        if embeddings.dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"`embeddings` has dtype {embeddings.dtype}; expected one of {_STORAGE_DTYPES}.")
+        _check_finite_rows(embeddings, "`embeddings`")
         if (references is None) == (dataset is None):
             raise ValueError("Pass exactly one of `references` (paths or URLs) and `dataset`.")
         count = len(references) if references is not None else len(dataset)
@@ -79,6 +91,8 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
             raise ValueError(f"{embeddings.shape[0]} embeddings but {count} images.")
         index = cls(embedding_dim=embeddings.shape[1], image_column=image_column)
         index.embeddings = F.normalize(embeddings.detach().float(), dim=-1).to(embeddings.dtype).cpu().contiguous()
+        if references is not None and not all(isinstance(r, str) and r for r in references):
+            raise TypeError("`references` must be non-empty strings (paths or URLs), one per embedding.")
         index.references = list(references) if references is not None else None
         index.dataset = dataset
         return index
@@ -107,43 +121,59 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+        if dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"`dtype` must be one of {_STORAGE_DTYPES}, got {dtype!r}.")
         image_processor = getattr(processor, "image_processor", processor)
         if isinstance(source, (str, os.PathLike)):
             folder = Path(source)
             if not folder.is_dir():
                 raise ValueError(f"`source` {str(source)!r} is not a folder.")
-            references = [str(p.resolve()) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
-            if not references:
+            entries = [str(p.resolve()) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not entries:
                 raise ValueError(f"`source` {str(source)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
-            batches = (_open_images(references[i : i + batch_size]) for i in range(0, len(references), batch_size))
-            dataset = None
+            read = lambda i: _open_image(entries[i])  # noqa: E731
         elif hasattr(source, "column_names"):
             if image_column not in source.column_names:
                 raise ValueError(f"The dataset has no column {image_column!r} (columns: {source.column_names}).")
             if len(source) == 0:
                 raise ValueError("`source` is an empty dataset.")
-            batches = (source[i : i + batch_size][image_column] for i in range(0, len(source), batch_size))
-            references, dataset = None, source
+            entries = range(len(source))
+            read = lambda i: source[i][image_column].convert("RGB")  # noqa: E731
         else:
             raise TypeError(f"`source` is a {type(source).__name__}; expected a datasets.Dataset or a folder path.")
         device = next(model.parameters()).device
-        chunks = []
-        for images in batches:
-            pixels = image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
-            chunks.append(model.get_image_retrieval_embeds(pixel_values=pixels.to(device)).float().cpu())
-        return cls.from_embeddings(torch.cat(chunks).to(dtype), references=references, dataset=dataset, image_column=image_column)
+        chunks, kept, unreadable = [], [], []
+        for start in range(0, len(entries), batch_size):
+            images = []
+            for i in range(start, min(start + batch_size, len(entries))):
+                try:  # one unreadable image costs that image, not the build
+                    images.append(read(i))
+                    kept.append(i)
+                except Exception as error:
+                    unreadable.append(f"{entries[i]}: {error}")
+            if images:
+                pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+                chunks.append(model.get_image_retrieval_embeds(pixel_values=pixels.to(device)).float().cpu())
+        if unreadable:
+            logger.warning("GillRetrievalIndex.build skipped %d unreadable image(s): %s", len(unreadable), "; ".join(unreadable[:5]))
+        if not kept:
+            raise ValueError(f"`source` holds no readable image ({len(unreadable)} unreadable).")
+        embeddings = torch.cat(chunks).to(dtype)
+        if isinstance(source, (str, os.PathLike)):
+            return cls.from_embeddings(embeddings, references=[entries[i] for i in kept], image_column=image_column)
+        dataset = source if len(kept) == len(source) else source.select(kept)
+        return cls.from_embeddings(embeddings, dataset=dataset, image_column=image_column)
 
     @property
     def references(self) -> list[str] | None:
         """Image paths or URLs, one per entry (None for a dataset-backed index)."""
-        if self._references is None and self._references_file is not None:
-            with open(self._references_file, encoding="utf-8") as f:
-                self._references = [json.loads(line)["path"] for line in f if line.strip()]
+        if self._references is None and self._references_handle is not None:
+            self._references = _parse_references(self._references_handle, len(self))
         return self._references
 
     @references.setter
     def references(self, value: list[str] | None) -> None:
-        self._references, self._references_file = value, None
+        self._references, self._references_handle = value, None
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -170,10 +200,16 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be an int >= 1, got {k!r}.")
+        if not isinstance(query, torch.Tensor):
+            raise TypeError(f"`query` must be a torch.Tensor, got {type(query).__name__}.")
+        k = min(k, max(len(self), 1))  # never more columns than entries
         single = query.ndim == 1
         query = query[None] if single else query
         if query.ndim != 2 or query.shape[1] != self.config.embedding_dim:
             raise ValueError(f"`query` must be (n, {self.config.embedding_dim}) or ({self.config.embedding_dim},), got {tuple(query.shape)}.")
+        if not torch.isfinite(query).all():
+            raise ValueError("`query` holds NaN or infinite values.")
+        self._check_embeddings_once()
         embeddings = self._search_embeddings()
         query = F.normalize(query.detach().float(), dim=-1).to(embeddings.device)
         excluded = self._exclusions(exclude, query.shape[0])
@@ -195,6 +231,20 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
             best_indices = F.pad(best_indices, (0, pad), value=-1)
         best_indices = best_indices.masked_fill(best_scores == float("-inf"), -1)
         return (best_scores[0], best_indices[0]) if single else (best_scores, best_indices)
+
+    def _check_embeddings_once(self) -> None:
+        """The first full scan of loaded embeddings checks them: the file against its sha256 (read
+        through the handle of the loaded version) and every row finite. Cheaper than it sounds: the
+        scan reads every row anyway."""
+        if self._embeddings_check is None:
+            return
+        name, expected = self._embeddings_check
+        if expected is not None and self._embeddings_handle is not None:
+            actual = _handle_sha256(self._embeddings_handle)
+            if actual != expected:
+                raise ValueError(f"{name!r} does not match its sha256 in gill_manifest.json (corrupted or altered).")
+        _check_finite_rows(self.embeddings, repr(name))
+        self._embeddings_check = None
 
     def _search_embeddings(self) -> torch.Tensor:
         device = self._anchor.device
@@ -236,8 +286,9 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Writes `config.json`, `embeddings.safetensors` and `references.jsonl` (or the dataset as
-        an arrow table under `dataset/`), atomically."""
-        with atomic_directory(save_directory) as staging:
+        an arrow table under `dataset/`) through the manifest primitive: a crash leaves the old
+        index or the new one, and files of the folder that are not the index's are never touched."""
+        with save_folder(save_directory) as staging:
             self.save_config(staging)
             save_file({"embeddings": self.embeddings.contiguous()}, str(staging / EMBEDDINGS_NAME), metadata={"format": "pt"})
             if self.dataset is not None:
@@ -248,41 +299,110 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
                     f.write(json.dumps(entry) + "\n")
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs) -> GillRetrievalIndex:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, verify: bool = False, **kwargs
+    ) -> GillRetrievalIndex:
         """Loads an index saved by `save_pretrained`; the embeddings stay memory-mapped (read-only
-        pages are shared with the file, nothing is copied until searched on an accelerator)."""
-        folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
+        pages are shared with the file, nothing is copied until searched on an accelerator).
+
+        Every file is checked against `gill_manifest.json` (sizes; sha256 of the small files); the
+        embeddings' sha256 and finiteness are checked on the first search (which reads every row
+        anyway), or here with `verify=True`. The index holds the files of one saved version open,
+        so a concurrent re-save of the folder never mixes its references with these embeddings."""
+        if not os.path.isdir(pretrained_model_name_or_path):
+            if _looks_like_a_path(pretrained_model_name_or_path):
+                raise ValueError(f"The retrieval index folder {os.fspath(pretrained_model_name_or_path)!r} does not exist.")
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(str(pretrained_model_name_or_path), **{k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs}))
-        folder = folder / subfolder if subfolder else folder
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs}
+            pretrained_model_name_or_path = snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs)
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        lazily_verified = lambda name: name == EMBEDDINGS_NAME or name.startswith(f"{DATASET_DIR}/")  # noqa: E731
+        index = load_consistently(folder, lambda manifest: cls._load_version(folder, manifest),
+                                  skip_digest=None if verify else lazily_verified)
+        if verify:
+            index._check_embeddings_once()
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if dtype is not None:
+            index.embeddings = index.embeddings.to(dtype)
+        return index
+
+    @classmethod
+    def _load_version(cls, folder: Path, manifest: dict | None) -> GillRetrievalIndex:
         for name in (cls.config_name, EMBEDDINGS_NAME, REFERENCES_NAME):
             if not (folder / name).is_file():
                 raise ValueError(f"The retrieval index at {str(folder)!r} lacks {name!r}.")
         index = cls.from_config(cls.load_config(folder))
-        index.embeddings = _mmap_tensor(folder / EMBEDDINGS_NAME, "embeddings")
+        embeddings_handle = open(folder / EMBEDDINGS_NAME, "rb")
+        index.embeddings = _mmap_tensor(embeddings_handle, str(folder / EMBEDDINGS_NAME), "embeddings")
+        index._embeddings_handle = embeddings_handle
+        expected = manifest["files"][EMBEDDINGS_NAME]["sha256"] if manifest and EMBEDDINGS_NAME in manifest["files"] else None
+        index._embeddings_check = (str(folder / EMBEDDINGS_NAME), expected)
         if index.embeddings.ndim != 2 or index.embeddings.shape[1] != index.config.embedding_dim:
             raise ValueError(f"{str(folder / EMBEDDINGS_NAME)!r} holds a tensor of shape {tuple(index.embeddings.shape)}, expected (n, {index.config.embedding_dim}).")
-        raw = (folder / REFERENCES_NAME).read_bytes()
+        handle = open(folder / REFERENCES_NAME, "rb")
+        raw = handle.read()
         count = raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
         if count != len(index):
-            raise ValueError(f"{str(folder / REFERENCES_NAME)!r} has {count} entries for {len(index)} embeddings (truncated?).")
+            raise ValueError(f"{str(folder / REFERENCES_NAME)!r} has {count} lines for {len(index)} embeddings (truncated?).")
         if (folder / DATASET_DIR).is_dir():
             import datasets
 
             index.dataset, index.references = datasets.load_from_disk(str(folder / DATASET_DIR)), None
+            handle.close()
         else:
-            index._references, index._references_file = None, folder / REFERENCES_NAME
+            index._references, index._references_handle = None, handle
         return index
 
 
-def _open_images(paths: Sequence[str]) -> list[PIL.Image.Image]:
-    images = []
-    for path in paths:
-        with PIL.Image.open(path) as image:
-            images.append(image.convert("RGB"))
-    return images
+def _looks_like_a_path(name: str | os.PathLike) -> bool:
+    """Hub ids are `name` or `org/name`; anything else (absolute, `./x`, `~`, deeper) is a local path,
+    which must not silently become a hub lookup when it does not exist."""
+    text = os.fspath(name)
+    return os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+
+
+def _parse_references(handle, count: int) -> list[str]:
+    """`references.jsonl`: one JSON object per line, `{"path": ...}`; a blank or malformed line is an
+    error naming it (it would shift every later entry)."""
+    handle.seek(0)
+    name = getattr(handle, "name", REFERENCES_NAME)
+    references = []
+    for number, line in enumerate(handle.read().decode("utf-8").split("\n")[:count], start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{name!r} line {number} is not a JSON object ({error}).") from error
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise ValueError(f"{name!r} line {number} must be an object with a non-empty \"path\", got {line[:80]!r}.")
+        references.append(entry["path"])
+    return references
+
+
+def _handle_sha256(handle) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    offset = 0
+    while block := os.pread(handle.fileno(), 1 << 22, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest()
+
+
+def _check_finite_rows(embeddings: torch.Tensor, name: str) -> None:
+    """Every row finite (a NaN row would rank first for every query, an inf row above 1)."""
+    for start in range(0, embeddings.shape[0], 1 << 16):
+        block = embeddings[start : start + (1 << 16)]
+        bad = (~torch.isfinite(block)).any(-1).nonzero()
+        if bad.numel():
+            raise ValueError(f"{name} row {start + int(bad[0])} holds NaN or infinite values.")
+
+
+def _open_image(path: str) -> PIL.Image.Image:
+    with PIL.Image.open(path) as image:
+        image.load()  # decode now: a truncated file fails here
+        return image.convert("RGB")
 
 
 def _exact_top_k(query: torch.Tensor, embeddings: torch.Tensor, k: int, banned: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,31 +433,40 @@ def _exact_top_k(query: torch.Tensor, embeddings: torch.Tensor, k: int, banned: 
     return values, indices
 
 
-def _mmap_tensor(file: Path, key: str) -> torch.Tensor:
-    """One tensor of a safetensors file, memory-mapped (copy-on-write, so torch gets a writable
-    array without ever writing to the file)."""
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{str(file)!r} is not a safetensors file (truncated header).")
-        header_size = struct.unpack("<Q", raw)[0]
-        try:
-            header = json.loads(f.read(header_size))
-        except ValueError as error:
-            raise ValueError(f"{str(file)!r} has a corrupt safetensors header: {error}") from error
-    if key not in header:
-        raise ValueError(f"{str(file)!r} has no tensor {key!r}.")
-    info = header[key]
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"{str(file)!r}: tensor {key!r} has dtype {info['dtype']}; expected F32, F16 or BF16.")
+def _mmap_tensor(handle, file: str, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, memory-mapped from an open handle (copy-on-write, so torch
+    gets a writable array without ever writing to the file). The header is checked against the
+    file before anything is mapped: a lying header is a `ValueError` naming the file."""
+    size = os.fstat(handle.fileno()).st_size
+    raw = os.pread(handle.fileno(), 8, 0)
+    if len(raw) < 8:
+        raise ValueError(f"{file!r} is not a safetensors file (truncated header).")
+    header_size = struct.unpack("<Q", raw)[0]
+    if header_size > min(size - 8, 100 << 20):
+        raise ValueError(f"{file!r} declares a {header_size}-byte header in a {size}-byte file.")
+    try:
+        header = json.loads(os.pread(handle.fileno(), header_size, 8))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file!r} has a corrupt safetensors header: {error}") from error
+    info = header.get(key) if isinstance(header, dict) else None
+    if not isinstance(info, dict):
+        raise ValueError(f"{file!r} has no tensor {key!r}.")
+    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{file!r}: tensor {key!r} has dtype {info.get('dtype')}; expected F32, F16 or BF16.")
     np_dtype, torch_dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-    shape = tuple(info["shape"])
-    start, end = info["data_offsets"]
-    if os.path.getsize(file) < 8 + header_size + end:
-        raise ValueError(f"{str(file)!r} is truncated: tensor {key!r} needs {end} data bytes.")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    valid_ints = lambda values, n: isinstance(values, list) and len(values) == n and all(  # noqa: E731
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    if not valid_ints(shape, 2) or not valid_ints(offsets, 2):
+        raise ValueError(f"{file!r}: tensor {key!r} must have a 2-d shape and two data offsets, got {shape} / {offsets}.")
+    start, end = offsets
+    if end - start != math.prod(shape) * np.dtype(np_dtype).itemsize:
+        raise ValueError(f"{file!r}: tensor {key!r} of shape {shape} does not fill its {end - start} data bytes.")
+    if 8 + header_size + end > size:
+        raise ValueError(f"{file!r} is truncated: tensor {key!r} needs {end} data bytes.")
     if start == end:
         return torch.empty(shape, dtype=torch_dtype)
-    array = np.memmap(file, dtype=np_dtype, mode="c", offset=8 + header_size + start, shape=shape)
+    array = np.memmap(handle, dtype=np_dtype, mode="c", offset=8 + header_size + start, shape=tuple(shape))
     tensor = torch.from_numpy(array)
     return tensor.view(torch_dtype) if np_dtype is np.uint16 else tensor
 

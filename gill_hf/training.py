@@ -25,6 +25,7 @@ from transformers.utils import logging
 
 from .metrics.functional import retrieval_metrics
 from .modeling.checkpointing import ADAPTER_WEIGHTS_NAME, BACKBONE_PREFIXES, gill_state_dict, load_adapter_weights
+from .modeling.manifest import save_folder
 
 logger = logging.get_logger(__name__)
 
@@ -298,10 +299,10 @@ class GillTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        model.config.save_pretrained(output_dir)
-        save_trainable_weights(model, output_dir)
+        with save_folder(output_dir) as staging:  # the model's files as one version (the manifest primitive)
+            model.config.save_pretrained(staging)
+            save_trainable_weights(model, staging)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_FILE))

@@ -8,23 +8,25 @@ This module depends only on torch and transformers. Loading backbones by referen
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import os
-
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import ModelOutput, cached_file
 
-from .checkpointing import ADAPTER_WEIGHTS_NAME, atomic_directory, load_adapter_weights, save_adapter_weights
+from .checkpointing import ADAPTER_WEIGHTS_NAME, load_adapter_weights, save_adapter_weights
 from .configuration_gill import GillConfig
 from .heads_gill import GillDecisionHead, GillMapper
+from .manifest import MANIFEST_NAME, load_consistently, read_manifest, save_folder, verify_folder
 from .training_passes import (
     caption_piece,
     causal_lm_loss,
@@ -576,7 +578,10 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, form: str = "full", **kwargs) -> None:
         r"""
-        Saves atomically (a temporary folder renamed into place), in one of two forms:
+        Saves in one of two forms through the manifest primitive (`gill_manifest.json`: each file's
+        size and sha256, committed by one rename; files of the folder that this save does not
+        write, other than the previous checkpoint's, are never touched; a crash leaves the old
+        checkpoint or the new one):
 
         - `"full"`: the standard self-contained checkpoint (backbones included);
         - `"adapter"`: only GILL's tensors (`gill_adapter.safetensors`) + the config, whose
@@ -591,7 +596,7 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
                 raise ValueError(
                     f"The adapter form needs `config.backbone_references` for {missing}; save with form='full' instead."
                 )
-        with atomic_directory(save_directory) as staging:
+        with save_folder(save_directory) as staging:
             if form == "full":
                 super().save_pretrained(staging, **kwargs)
             else:
@@ -615,14 +620,43 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         its config (or from `text_model` / `vision_model` when given) through `backbone_resolver`;
         `dtype` and `device_map` apply to the backbones, GILL's heads follow the LM's device.
         A checkpoint missing any GILL or backbone tensor is a `ValueError` naming the keys.
+
+        A folder with a `gill_manifest.json` is verified first (every file's size and sha256; an
+        interrupted save is completed) and loaded as one version even while another process saves
+        into it; only the files it names belong to the checkpoint.
         """
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token", "subfolder") if k in kwargs}
-        adapter_file = cached_file(
-            pretrained_model_name_or_path, ADAPTER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-        )
+
+        def load(manifest: dict | None):
+            return cls._load_checkpoint(pretrained_model_name_or_path, manifest, model_args, text_model, vision_model, kwargs, hub_kwargs)
+
+        local = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(local):
+            return load_consistently(local, load)
+        manifest_file = cached_file(pretrained_model_name_or_path, MANIFEST_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if manifest_file is None:
+            return load(None)
+        snapshot = os.path.dirname(manifest_file)
+        for name in read_manifest(snapshot)["files"]:  # fetch what the manifest names, then check it
+            cached_file(pretrained_model_name_or_path, name, **hub_kwargs)
+        return load(verify_folder(snapshot))
+
+    @classmethod
+    def _load_checkpoint(cls, pretrained_model_name_or_path, manifest, model_args, text_model, vision_model, kwargs, hub_kwargs):
+        kwargs = dict(kwargs)
+        adapter_file = None
+        if _in_checkpoint(manifest, ADAPTER_WEIGHTS_NAME):
+            adapter_file = cached_file(
+                pretrained_model_name_or_path, ADAPTER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+            )
+        if "config" not in kwargs:
+            _check_saved_config(pretrained_model_name_or_path, hub_kwargs)
         if adapter_file is None:
             kwargs.pop("output_loading_info", None)
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+            try:
+                model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+            except SafetensorError as error:
+                raise ValueError(f"The weights of {str(pretrained_model_name_or_path)!r} cannot be read (damaged file?): {error}") from error
             if info["missing_keys"]:
                 raise ValueError(
                     f"The checkpoint at {str(pretrained_model_name_or_path)!r} lacks keys {sorted(info['missing_keys'])}."
@@ -667,6 +701,28 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
             keep[self.img_token_ids[self.img_token_ids < lm_rows.shape[0]]] = False
             target = lm_rows[keep].float().norm(dim=-1).mean()
             rows.mul_((target / rows.float().norm(dim=-1, keepdim=True)).to(rows.dtype))
+
+
+def _in_checkpoint(manifest: dict | None, name: str) -> bool:
+    """With a manifest, only the files it names belong to the checkpoint (a stale file of another
+    save in the same folder is ignored); without one, whatever exists does."""
+    return manifest is None or name in manifest["files"]
+
+
+def _check_saved_config(pretrained_model_name_or_path, hub_kwargs: dict) -> None:
+    """A GILL config must name both backbones: GillConfig's defaults (OPT-6.7B + ViT-L/14) would
+    otherwise build a 7-billion-parameter model that the checkpoint never described."""
+    config_file = cached_file(pretrained_model_name_or_path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if config_file is None:
+        raise ValueError(f"{str(pretrained_model_name_or_path)!r} has no config.json: not a GILL checkpoint.")
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{config_file!r} is not readable JSON: {error}") from error
+    missing = [key for key in ("text_config", "vision_config") if not isinstance(saved, dict) or not isinstance(saved.get(key), dict)]
+    if missing:
+        raise ValueError(f"{config_file!r} lacks {missing}: a GILL config names both backbones' configs.")
 
 
 def _check_backbone_sizes(config: GillConfig, text_config, vision_config) -> None:

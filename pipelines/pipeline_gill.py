@@ -22,6 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from gill_hf.modeling import GillForConditionalGeneration
+from gill_hf.modeling.manifest import load_consistently, save_folder
 from gill_hf.processing_gill import GillProcessor
 from gill_hf.retrieval import GillRetrievalIndex
 
@@ -144,17 +145,28 @@ class GillPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> GillPipeline:
         """Loads a saved pipeline; a repo id is first fetched with `snapshot_download` (diffusers
         cannot resolve GILL's component modules from a repo id), which also works offline from a
-        seeded cache."""
+        seeded cache. The folder is verified against its `gill_manifest.json` and loaded as one
+        saved version (never a mixture of two saves)."""
         if not os.path.isdir(pretrained_model_name_or_path):
             from huggingface_hub import snapshot_download
 
             hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
             pretrained_model_name_or_path = snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs)
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        load = super().from_pretrained.__func__
+        pipe = load_consistently(pretrained_model_name_or_path, lambda manifest: load(cls, pretrained_model_name_or_path, **kwargs))
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 own_unaligned_memory(component)
         return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Saves every component (diffusers' layout) as one version through the manifest primitive:
+        a crash leaves the old pipeline or the new one, never a mixture that loads, and files of
+        the folder that are not the pipeline's are never touched."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("`push_to_hub=True` is not supported here: call `pipe.push_to_hub(repo_id)` (one commit, with a card).")
+        with save_folder(save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
 
     @classmethod
     def from_sd_and_gill(

@@ -50,7 +50,7 @@ def test_adapter_form_holds_no_backbone_tensor_and_reloads(tmp_path, kind):
     _save_backbones(model, tmp_path)
     model.save_pretrained(tmp_path / "adapter", form="adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["config.json", "gill_adapter.safetensors"]
+    assert files == ["config.json", "gill_adapter.safetensors", "gill_manifest.json"]
     keys = set(load_file(tmp_path / "adapter" / "gill_adapter.safetensors"))
     assert not any(k.startswith(("language_model.", "vision_model.")) for k in keys)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -118,6 +118,7 @@ def test_truncated_and_incomplete_checkpoints_name_the_file_and_key(tmp_path):
     model.save_pretrained(tmp_path / "adapter", form="adapter")
     weights = tmp_path / "adapter" / "gill_adapter.safetensors"
     state = load_file(weights)
+    (tmp_path / "adapter" / "gill_manifest.json").unlink()  # a folder from another tool: no manifest to catch it first
 
     del state["logit_scale"]
     save_file(state, weights)
@@ -135,6 +136,7 @@ def test_truncated_and_incomplete_checkpoints_name_the_file_and_key(tmp_path):
         GillForConditionalGeneration.from_pretrained(tmp_path / "adapter")
 
     model.save_pretrained(tmp_path / "full")
+    (tmp_path / "full" / "gill_manifest.json").unlink()
     full = tmp_path / "full" / "model.safetensors"
     state = load_file(full)
     del state["mapper.output_proj.bias"]

@@ -203,5 +203,5 @@ def test_command_line_conversion(fixture_paths, tmp_path):
     weights = load_file(tmp_path / "out" / "gill_adapter.safetensors")
     assert weights["img_embeddings"].dtype == torch.bfloat16
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.json", "gill_adapter.safetensors", "processor_config.json", "retrieval_index", "tokenizer.json",
-        "tokenizer_config.json"]
+        "config.json", "gill_adapter.safetensors", "gill_manifest.json", "processor_config.json", "retrieval_index",
+        "tokenizer.json", "tokenizer_config.json"]

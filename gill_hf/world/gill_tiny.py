@@ -38,8 +38,7 @@ import shlex
 import sys
 from pathlib import Path
 
-# `gill_hf.embedded` registers WORLD_CLIP_NAME with a loader that calls `materialise_world_clip`.
-from ..embedded import WORLD_CLIP_NAME, _sha256
+from ..embedded import world_clip_reference
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLIP_DIR = ASSETS / "clip"
@@ -69,26 +68,6 @@ def work_dir() -> Path:
     path = cache_dir() / "gill_tiny"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-# ----- the world CLIP as an embedded backbone reference ---------------------------------------------
-
-
-def materialise_world_clip(sha256: str) -> str:
-    """The world CLIP shipped as package data; refuses a folder whose weights differ."""
-    weights = CLIP_DIR / "model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"The world CLIP is missing from the package ({str(weights)!r}).")
-    actual = _sha256(weights)
-    if actual != sha256:
-        raise ValueError(f"{str(weights)!r} has sha256 {actual}, not the referenced {sha256}: a different world CLIP.")
-    return str(CLIP_DIR)
-
-
-def world_clip_reference() -> dict:
-    return {"embedded": WORLD_CLIP_NAME, "sha256": _sha256(CLIP_DIR / "model.safetensors")}
-
-
 
 
 # ----- step 1: data, targets, initial checkpoint --------------------------------------------------------
