@@ -2,7 +2,7 @@
 repository, `jykoh/gill` on the Hub) into this package's format.
 
 Nothing in the original files is ever fully unpickled: the torch checkpoints go through
-`torch.load(weights_only=True)` and the retrieval-embedding pickle through `SafeRetrievalUnpickler`,
+`torch.load(weights_only=True)` and the retrieval-embedding pickle through `safe_loading.RestrictedUnpickler`,
 which admits only what such files contain. A hostile pickle is refused before anything runs.
 
     gill-hf convert-original ORIGINAL_DIR OUTPUT_DIR --text-model facebook/opt-6.7b \
@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import os
 import pickle
-import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from .backbones import resolve_backbone
 from .modeling import GillConfig, GillForConditionalGeneration, add_gill_tokens
+from .safe_loading import check_torch_archive, load_retrieval_pickle
 
 MODEL_ARGS = "model_args.json"
 GILL_CHECKPOINT = "pretrained_ckpt.pth.tar"
@@ -81,19 +78,21 @@ def read_model_args(original_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """`torch.load(weights_only=True, map_location="cpu")` of an original checkpoint (the released
-    files were saved on cuda:0), unwrapped from `{'state_dict': ...}` and DDP's `module.` prefix."""
+    files were saved on cuda:0), after `check_torch_archive` (stored members, sizes, CRCs), unwrapped
+    from `{'state_dict': ...}` and DDP's `module.` prefix. Anything else is a `ValueError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{str(path)!r} does not exist.")
+    check_torch_archive(path)
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
         raise ValueError(f"{str(path)!r} holds objects other than tensors and containers; refusing to load it: {error}") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"{str(path)!r} is truncated or corrupt: {error}") from error
+    except Exception as error:  # truncated, corrupt or not a torch file: every failure names the file
+        raise ValueError(f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {error})") from error
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors.")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of named tensors.")
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
@@ -134,59 +133,6 @@ def load_decision_head(path: str | os.PathLike, hidden_size: int) -> tuple[str, 
             f"{str(path)!r}: '1.weight' has shape {tuple(weight.shape)}, expected (2, {hidden_size}) or (2, {hidden_size + 1})."
         )
     return variants[weight.shape[1]], {"decision_head.linear.weight": weight, "decision_head.linear.bias": bias}
-
-
-class SafeRetrievalUnpickler(pickle.Unpickler):
-    """Admits only what the reference's retrieval files contain: builtin containers,
-    `collections.OrderedDict`, numpy arrays (numpy-1 and numpy-2 module names), `_codecs.encode`
-    and torch tensors, whose storages are re-read with `torch.load(weights_only=True)`."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if (module, name) == ("_codecs", "encode"):
-            import codecs
-
-            return codecs.encode
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-            return getattr(_numpy_multiarray(), name)
-        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
-            return getattr(np, name)
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return torch._utils._rebuild_tensor_v2
-        if (module, name) == ("torch.storage", "_load_from_bytes"):
-            return _load_storage_weights_only
-        raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}' from a retrieval-embedding file")
-
-
-def _numpy_multiarray():
-    from numpy._core import multiarray  # numpy 2; numpy 1 pickles name numpy.core.multiarray
-
-    return multiarray
-
-
-def _load_storage_weights_only(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-
-
-def load_retrieval_embeddings(path: str | os.PathLike) -> tuple[list[str], torch.Tensor]:
-    """`(paths, embeddings)` from a reference retrieval file (a pickle of `{'paths', 'embeddings'}`
-    despite its `.npy` name), through `SafeRetrievalUnpickler`."""
-    try:
-        with open(path, "rb") as handle:
-            payload = SafeRetrievalUnpickler(handle).load()
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{str(path)!r} was refused: {error}") from error
-    except (EOFError, ValueError, TypeError) as error:
-        raise ValueError(f"{str(path)!r} is truncated or corrupt: {error}") from error
-    if not isinstance(payload, dict) or set(payload) < {"paths", "embeddings"}:
-        raise ValueError(f"{str(path)!r} must hold a dict with 'paths' and 'embeddings'.")
-    paths = [str(p) for p in payload["paths"]]
-    rows = [torch.as_tensor(np.asarray(e, dtype=np.float32)) if isinstance(e, np.ndarray) else e.float() for e in payload["embeddings"]]
-    embeddings = torch.stack([row.reshape(-1) for row in rows]) if rows else torch.empty(0, 0)
-    if len(paths) != embeddings.shape[0]:
-        raise ValueError(f"{str(path)!r}: {len(paths)} paths but {embeddings.shape[0]} embeddings.")
-    return paths, embeddings
 
 
 def _backbone_config(reference: Any):
@@ -304,7 +250,7 @@ def _retrieval_index(original_dir: Path):
 
     paths, embeddings = [], []
     for file in files:
-        file_paths, file_embeddings = load_retrieval_embeddings(file)
+        file_paths, file_embeddings = load_retrieval_pickle(file)
         paths += file_paths
         embeddings.append(file_embeddings)
     return GillRetrievalIndex.from_embeddings(torch.cat(embeddings), references=paths)
@@ -332,4 +278,4 @@ def main(argv: list[str] | None = None) -> None:
     args.func(args)
 
 
-__all__ = ["SafeRetrievalUnpickler", "convert_original", "load_retrieval_embeddings", "load_torch_state_dict", "read_model_args"]
+__all__ = ["convert_original", "load_torch_state_dict", "read_model_args"]

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from gill_hf import GillForConditionalGeneration
 from gill_hf.convert_original import (
     convert_original,
-    load_retrieval_embeddings,
     load_torch_state_dict,
     read_model_args,
 )
+from gill_hf.safe_loading import load_retrieval_pickle
 
 from conftest import recipe
 
@@ -45,7 +45,7 @@ def test_converted_folder_loads_with_backbones_and_index(fixture_paths, converte
     model = GillForConditionalGeneration.from_pretrained(converted)
     assert model.config.backbone_references["text_model"] == fixture_paths["opt"]
     index = GillRetrievalIndex.from_pretrained(converted / "retrieval_index")
-    paths, embeddings = load_retrieval_embeddings(Path(fixture_paths["gill_ckpt"]) / "cc3m_embeddings_urls.npy")
+    paths, embeddings = load_retrieval_pickle(Path(fixture_paths["gill_ckpt"]) / "cc3m_embeddings_urls.npy")
     assert index.references == paths
     assert torch.allclose(index.embeddings.float(), torch.nn.functional.normalize(embeddings, dim=-1), atol=1e-6)
 
@@ -84,7 +84,7 @@ def test_hostile_retrieval_pickle_is_refused_and_never_runs(tmp_path):
     evil = tmp_path / "cc3m_evil.npy"
     evil.write_bytes(pickle.dumps({"paths": ["a"], "embeddings": [_Payload(marker)]}))
     with pytest.raises(ValueError, match="refus.*posix.system|refus.*os.system"):
-        load_retrieval_embeddings(evil)
+        load_retrieval_pickle(evil)
     assert not marker.exists()
 
 
@@ -101,12 +101,12 @@ def test_retrieval_file_with_torch_bf16_tensors_and_numpy_arrays(tmp_path):
     tensors = tmp_path / "cc3m_torch.npy"
     rows = torch.randn(3, 8).bfloat16()
     tensors.write_bytes(pickle.dumps({"paths": ["a", "b", "c"], "embeddings": list(rows)}))
-    paths, embeddings = load_retrieval_embeddings(tensors)
+    paths, embeddings = load_retrieval_pickle(tensors)
     assert paths == ["a", "b", "c"] and torch.equal(embeddings, rows.float())
     arrays = tmp_path / "cc3m_numpy.npy"
     values = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
     arrays.write_bytes(pickle.dumps({"paths": ["x", "y"], "embeddings": list(values)}, protocol=2))
-    assert torch.equal(load_retrieval_embeddings(arrays)[1], torch.from_numpy(values))
+    assert torch.equal(load_retrieval_pickle(arrays)[1], torch.from_numpy(values))
 
 
 def _original_copy(fixture_paths, tmp_path):
