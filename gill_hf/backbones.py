@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .modeling.checkpointing import looks_like_a_local_path
+
 EmbeddedLoader = Callable[[str], str]
 _EMBEDDED: dict[str, EmbeddedLoader] = {}
 
@@ -34,8 +36,17 @@ def resolve_backbone(reference: Any) -> tuple[str, dict]:
     if len(kinds) != 1:
         raise ValueError(f"A backbone reference names exactly one of repo_id / path / embedded, got {reference!r}.")
     if "repo_id" in reference:
-        revision = reference.get("revision")
-        return reference["repo_id"], ({"revision": revision} if revision else {})
+        repo_id, revision = reference["repo_id"], reference.get("revision")
+        if not isinstance(repo_id, str) or not repo_id or looks_like_a_local_path(repo_id):
+            raise ValueError(f"{repo_id!r} is not a hub repo id (`name` or `org/name`); name a local folder with {{'path': ...}}.")
+        if os.path.exists(repo_id):
+            # from_pretrained would silently load that folder instead of the hub repository.
+            raise ValueError(
+                f"The backbone reference {{'repo_id': {repo_id!r}}} names a hub repository, but a local path "
+                f"{os.path.abspath(repo_id)!r} of the same name exists and would be loaded instead; run from another "
+                "folder or reference the local copy with {'path': ...}."
+            )
+        return repo_id, ({"revision": revision} if revision else {})
     if "path" in reference:
         if not os.path.isdir(reference["path"]):
             raise ValueError(f"The backbone folder {reference['path']!r} does not exist.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that add commands: (module, function, group). A group nests the module's commands under
@@ -77,13 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can cause (a missing folder, a bad value, bad data): one `error:` line, exit status 2,
+# as argparse does for its own errors. GILL_HF_TRACEBACK=1 shows the traceback instead.
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
+
+
+def run_command(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> None:
+    try:
+        namespace.func(namespace)
+    except USER_ERRORS as error:
+        if os.environ.get("GILL_HF_TRACEBACK"):
+            raise
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     namespace, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if extra and not getattr(namespace, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     namespace.extra_args = extra
-    namespace.func(namespace)
+    run_command(parser, namespace)
 
 
 if __name__ == "__main__":

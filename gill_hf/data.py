@@ -25,6 +25,8 @@ import PIL.Image
 import torch
 from transformers.utils import logging
 
+from .images import check_image_size
+
 logger = logging.get_logger(__name__)
 
 CLIP_EMBS_FOLDER = "clip_embs"  # the reference's precomputed targets: <image_dir>/clip_embs/<image>.npy
@@ -42,6 +44,7 @@ def _open_image(value: Any) -> PIL.Image.Image:
             raise ValueError("empty image cell")
     if isinstance(value, (str, os.PathLike, io.BytesIO)):
         with PIL.Image.open(value) as image:
+            check_image_size(image.width, image.height, "image")  # before decoding: a bomb is never inflated
             image.load()  # decode now: truncated files fail here, not later
             rgb = image.convert("RGB")
     elif isinstance(value, PIL.Image.Image):
@@ -55,15 +58,22 @@ def _open_image(value: Any) -> PIL.Image.Image:
     return rgb
 
 
-def _load_target(value: Any, num_clip_tokens: int | None) -> torch.Tensor:
+def _load_target(value: Any, num_clip_tokens: int | None, gen_emb_dim: int | None = None) -> torch.Tensor:
     """An array-like target, or a path to a `.npy` file (read without pickles), -> float tensor,
-    cut to the first `num_clip_tokens` rows as the reference does."""
+    cut to the first `num_clip_tokens` rows as the reference does. A target of another shape, or
+    holding NaN/inf (an fp16 overflow would turn every GILL weight into NaN on the first step),
+    raises (the collator counts the row as skipped)."""
     if isinstance(value, (str, os.PathLike)):
         value = np.load(value, allow_pickle=False)
     target = torch.as_tensor(np.asarray(value, dtype=np.float32))
     if target.ndim != 2:
         raise ValueError(f"a generation target must be (tokens, dim), got shape {tuple(target.shape)}")
-    return target[:num_clip_tokens] if num_clip_tokens else target
+    target = target[:num_clip_tokens] if num_clip_tokens else target
+    if (num_clip_tokens and target.shape[0] != num_clip_tokens) or (gen_emb_dim and target.shape[1] != gen_emb_dim):
+        raise ValueError(f"a generation target must be ({num_clip_tokens}, {gen_emb_dim}), got {tuple(target.shape)}")
+    if not torch.isfinite(target).all():
+        raise ValueError("the generation target holds NaN or infinite values")
+    return target
 
 
 class GillDataCollator:
@@ -83,6 +93,8 @@ class GillDataCollator:
         processor: a [`GillProcessor`].
         max_length: training row length (reference: 32).
         num_clip_tokens: rows of each target kept (reference: the model's `num_clip_tokens`).
+        gen_emb_dim: width every target must have (the model's `gen_emb_dim`); rows whose target has
+            another shape or non-finite values are skipped as `bad_target`.
         require_targets: skip examples without a target; `None` (default): required when any
             example of the batch has one (a batch is all-or-nothing for `gen_loss`).
     """
@@ -98,10 +110,12 @@ class GillDataCollator:
         target_column: str = "gen_targets",
         target_path_column: str = "gen_targets_path",
         require_targets: bool | None = None,
+        gen_emb_dim: int | None = None,
     ):
         self.processor = processor
         self.max_length = max_length
         self.num_clip_tokens = num_clip_tokens
+        self.gen_emb_dim = gen_emb_dim
         self.caption_column = caption_column
         self.image_column = image_column
         self.features_column = features_column
@@ -141,8 +155,8 @@ class GillDataCollator:
                     self._skip("missing_target", example)
                     continue
                 try:
-                    target = _load_target(value, self.num_clip_tokens)
-                except Exception as error:  # unreadable / truncated / pickled file: one example lost
+                    target = _load_target(value, self.num_clip_tokens, self.gen_emb_dim or (targets[0].shape[1] if targets else None))
+                except Exception as error:  # unreadable / truncated / pickled / mis-shaped / non-finite: one example lost
                     self._skip("bad_target", example, error)
                     continue
             cached = example.get(self.features_column)
@@ -200,11 +214,15 @@ def load_cc3m_dataset(tsv_path: str | os.PathLike, image_dir: str | os.PathLike,
     if targets_dir is not None:
         rows["gen_targets_path"] = []
     missing = Counter()
+    csv.field_size_limit(1 << 30)  # a very long caption is a row like any other (the collator cuts its tokens)
     with open(tsv_path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         if reader.fieldnames is None or not {"caption", "image"} <= set(reader.fieldnames):
             raise ValueError(f"{str(tsv_path)!r} must start with a `caption\\timage` header, got {reader.fieldnames}.")
         for row in reader:
+            if not row.get("image") or not isinstance(row.get("caption"), str) or None in row:
+                missing["bad_row"] += 1  # no tab, an empty image name, or extra fields
+                continue
             image = os.path.join(image_dir, row["image"])
             if not os.path.isfile(image):
                 missing["missing_image"] += 1
@@ -336,7 +354,11 @@ def load_saved_or_hub_dataset(name: str, config_name: str | None = None, split: 
 def _precompute_targets(namespace) -> None:
     from transformers import AutoTokenizer, CLIPTextModel
 
+    if bool(namespace.train_tsv) == bool(namespace.dataset_name):
+        raise ValueError("Pass exactly one data source: `--train_tsv` (with `--image_dir`) or `--dataset_name`.")
     if namespace.train_tsv:
+        if not namespace.image_dir:
+            raise ValueError("`--train_tsv` needs `--image_dir` (the folder of its images).")
         dataset = load_cc3m_dataset(namespace.train_tsv, namespace.image_dir, targets_dir=None)
     else:
         dataset = prepare_hf_dataset(load_saved_or_hub_dataset(namespace.dataset_name, namespace.dataset_config_name, namespace.split),

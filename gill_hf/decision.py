@@ -38,15 +38,29 @@ def load_labelled_prompts(path: str | os.PathLike) -> tuple[list[str], list[int]
     path = os.fspath(path)
     with open(path, encoding="utf-8") as handle:
         if path.endswith((".jsonl", ".json")):
-            rows = [json.loads(line) for line in handle if line.strip()]
+            rows = []
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as error:
+                    raise ValueError(f"{path!r} line {number} is not valid JSON: {error}") from error
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path!r} line {number} must be a JSON object, got {type(row).__name__}.")
+                rows.append(row)
+        elif path.endswith(".csv"):
+            rows = list(csv.DictReader(handle))
         else:
-            rows = list(csv.DictReader(handle, delimiter="," if path.endswith(".csv") else "\t"))
+            # Tab-separated, quotes taken literally: an unbalanced quote must not merge rows.
+            rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     texts, labels = [], []
     for index, row in enumerate(rows):
         text = next((row[k] for k in ("text", "prompt", "caption") if k in row), None)
         label = next((row[k] for k in ("decision", "label") if k in row), None)
-        if text is None or label is None:
-            raise ValueError(f"{path!r} row {index}: expected a text column (text/prompt/caption) and a decision column.")
+        if not isinstance(text, str) or label is None or None in row:
+            raise ValueError(f"{path!r} row {index}: expected a text column (text/prompt/caption) and a decision column"
+                             f"{' (the row has extra fields)' if None in row else ''}.")
         label = str(label).strip().lower()
         if label in SKIPPED_LABELS:
             continue
@@ -70,12 +84,11 @@ def decision_features(model, processor, prompts: list[str], head_type: str = "hi
     if head_type == "hidden_and_score" and retrieval_embeddings is None:
         raise ValueError("The 'hidden_and_score' head needs `retrieval_embeddings` (the retrieval index's image embeddings).")
     model.eval()
-    tokenizer = processor.tokenizer
     chunks = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         # Long enough that no prompt is cut: the [IMG] block follows the whole prompt, as in the notebook.
-        length = max(len(tokenizer(p)["input_ids"]) for p in batch) + processor.num_img_tokens
+        length = max(len(processor.encode_text(p)) for p in batch) + processor.num_img_tokens
         rows = processor.build_training_inputs(batch, max_length=length)
         device = model.img_embeddings.device
         states = model(input_ids=rows["input_ids"].to(device)).img_hidden_states
@@ -115,6 +128,8 @@ def train_decision_head(features: torch.Tensor, labels: torch.Tensor | list[int]
         raise ValueError(f"`features` must be (n >= 2, dim) with one label each, got {tuple(features.shape)} and {tuple(labels.shape)}.")
     if steps <= 0:
         raise ValueError(f"`steps` must be positive, got {steps}.")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"`eval_fraction` must lie in [0, 1), got {eval_fraction}.")
     n = features.shape[0]
     num_train = num_train if num_train is not None else max(1, round(n * (1 - eval_fraction)))
     if not 0 < num_train <= n:

@@ -1,5 +1,7 @@
 """Processor class for GILL: one tokenizer plus one CLIP image processor, with interleaved prompts."""
 
+import re
+
 import numpy as np
 import PIL.Image
 import torch
@@ -7,6 +9,7 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
+from .images import check_image_size
 from .modeling import IMAGE_TOKEN, add_gill_tokens, img_token_names
 
 
@@ -21,8 +24,6 @@ _EXPECTED_IMAGE = "a PIL.Image, an HWC uint8 numpy array or a CHW float torch te
 # 16-bit, 32-bit integer and float PIL modes: converting them to RGB clips silently, so the caller
 # has to choose the scaling.
 _HIGH_PRECISION_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
-
-
 def _is_image(value: object) -> bool:
     return isinstance(value, _IMAGE_TYPES)
 
@@ -41,14 +42,16 @@ def _to_rgb_pil(image: ImageLike, name: str) -> PIL.Image.Image:
     `Image.convert("RGB")` (which drops an alpha channel).
     """
     if isinstance(image, PIL.Image.Image):
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"`{name}` is a zero-size image ({image.width}x{image.height}).")
+        check_image_size(image.width, image.height, name)
         if image.mode in _HIGH_PRECISION_MODES:
             raise ValueError(
                 f"`{name}` is a PIL image in mode {image.mode!r} (16/32-bit integer or float); expected an "
                 "8-bit mode such as 'RGB' or 'L'. Rescale it to 8 bits first."
             )
-        return image.convert("RGB")
+        try:
+            return (image.convert("LA") if image.mode == "La" else image).convert("RGB")
+        except (ValueError, OSError) as error:
+            raise ValueError(f"`{name}` is a PIL image in mode {image.mode!r} that cannot be read as RGB: {error}") from error
 
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -63,8 +66,7 @@ def _to_rgb_pil(image: ImageLike, name: str) -> PIL.Image.Image:
                 f"`{name}` is a numpy array of shape {tuple(image.shape)}; expected (height, width, 3) RGB or "
                 "(height, width) / (height, width, 1) grayscale."
             )
-        if image.shape[0] == 0 or image.shape[1] == 0:
-            raise ValueError(f"`{name}` is a zero-size image (array of shape {tuple(image.shape)}).")
+        check_image_size(image.shape[1], image.shape[0], name)
         return PIL.Image.fromarray(np.ascontiguousarray(np.repeat(image, 3 // image.shape[2], axis=2)))
 
     if isinstance(image, torch.Tensor):
@@ -78,11 +80,12 @@ def _to_rgb_pil(image: ImageLike, name: str) -> PIL.Image.Image:
                 f"`{name}` is a torch tensor of shape {tuple(image.shape)}; expected (3, height, width) RGB or "
                 "(1, height, width) grayscale."
             )
-        if image.shape[1] == 0 or image.shape[2] == 0:
-            raise ValueError(f"`{name}` is a zero-size image (tensor of shape {tuple(image.shape)}).")
+        if image.device.type == "meta":
+            raise ValueError(f"`{name}` is a tensor on the meta device (it holds no values).")
+        check_image_size(image.shape[2], image.shape[1], name)
         image = image.detach().float().cpu()
-        if torch.isnan(image).any():
-            raise ValueError(f"`{name}` contains NaN values; expected values in [0, 1].")
+        if not torch.isfinite(image).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values; expected values in [0, 1].")
         if image.min() < 0 or image.max() > 1:
             low, high = image.min().item(), image.max().item()
             raise ValueError(f"`{name}` has values in [{low:.4g}, {high:.4g}]; expected values in [0, 1].")
@@ -256,7 +259,9 @@ class GillProcessor(ProcessorMixin):
                 raise TypeError(f"`captions[{index}]` is a {type(caption).__name__}; expected a str.")
             if not caption.strip():
                 raise ValueError(f"`captions[{index}]` is empty; expected a non-empty caption.")
-            ids = self._encode(caption, True, f"captions[{index}]")
+            # Only the first tokens are kept: bound the text tokenized (a 100k-character caption costs
+            # no more than a short one; 256 characters per kept token is far beyond any real token).
+            ids = self.encode_text(caption[: 256 * max_length], True, f"captions[{index}]")
             rows.append(ids[: max_length - self.num_img_tokens] + self.img_token_ids)
 
         data = self._pad(rows, "right", length=max_length)
@@ -439,13 +444,27 @@ class GillProcessor(ProcessorMixin):
             raise TypeError(f"`{name}` is a {type(image).__name__}; expected {_EXPECTED_IMAGE}.")
         return _to_rgb_pil(image, name)
 
-    def _encode(self, text: str, add_special_tokens: bool, name: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        # A literal `<|image|>` would create visual positions with no image behind them.
-        if self.image_token_id in ids:
-            raise ValueError(
-                f"`{name}` contains the reserved token `{self.image_token}`; mark images with `{IMAGE_PLACEHOLDER}`."
-            )
+    def encode_text(self, text: str, add_special_tokens: bool = True, name: str = "text") -> list[int]:
+        """Token ids of one text segment. GILL's own token strings typed as text (`[IMG0]`..,
+        `<|image|>`) tokenize as the plain text they are, never as GILL tokens: only the processor
+        inserts those, as ids. `name` is the argument an error message names."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"`{name}` is not valid text ({error.reason} at position {error.start}).") from None
+        gill_strings = [self.image_token, *self.img_tokens]
+        if not any(token in text for token in gill_strings):
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        others = [t for t in self.tokenizer.all_special_tokens if t not in gill_strings and t in text]
+        if not others:  # the whole text as plain text: exactly the tokenization without GILL's tokens
+            return self.tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
+        # Chat markers must stay special: only the GILL strings are split, piece by piece.
+        pattern = "(" + "|".join(re.escape(token) for token in gill_strings) + ")"
+        ids: list[int] = []
+        for index, piece in enumerate(re.split(pattern, text)):
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=add_special_tokens and index == 0,
+                                      split_special_tokens=piece in gill_strings)["input_ids"]
         return ids
 
     def _tokenize_prompt(self, segments: list) -> list[tuple[list[int], PIL.Image.Image | None]]:
@@ -454,7 +473,7 @@ class GillProcessor(ProcessorMixin):
         seen_text = False
         for segment in segments:
             if isinstance(segment, str):
-                pieces.append((self._encode(segment, not seen_text, "text"), None))
+                pieces.append((self.encode_text(segment, not seen_text, "text"), None))
                 seen_text = True
             else:
                 pieces.append(([self.image_token_id] * self.num_visual_tokens, segment))

@@ -25,7 +25,9 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from safetensors.torch import save_file
 
-from .modeling.manifest import file_sha256, load_consistently, save_folder
+from .images import check_image_size
+from .modeling.checkpointing import looks_like_a_local_path
+from .modeling.manifest import load_consistently, save_folder
 
 EMBEDDINGS_NAME = "embeddings.safetensors"
 REFERENCES_NAME = "references.jsonl"
@@ -138,7 +140,7 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
             if len(source) == 0:
                 raise ValueError("`source` is an empty dataset.")
             entries = range(len(source))
-            read = lambda i: source[i][image_column].convert("RGB")  # noqa: E731
+            read = lambda i: _checked_rgb(source[i][image_column], f"row {i}")  # noqa: E731
         else:
             raise TypeError(f"`source` is a {type(source).__name__}; expected a datasets.Dataset or a folder path.")
         device = next(model.parameters()).device
@@ -310,7 +312,7 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         anyway), or here with `verify=True`. The index holds the files of one saved version open,
         so a concurrent re-save of the folder never mixes its references with these embeddings."""
         if not os.path.isdir(pretrained_model_name_or_path):
-            if _looks_like_a_path(pretrained_model_name_or_path):
+            if looks_like_a_local_path(pretrained_model_name_or_path):
                 raise ValueError(f"The retrieval index folder {os.fspath(pretrained_model_name_or_path)!r} does not exist.")
             from huggingface_hub import snapshot_download
 
@@ -355,13 +357,6 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         return index
 
 
-def _looks_like_a_path(name: str | os.PathLike) -> bool:
-    """Hub ids are `name` or `org/name`; anything else (absolute, `./x`, `~`, deeper) is a local path,
-    which must not silently become a hub lookup when it does not exist."""
-    text = os.fspath(name)
-    return os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
-
-
 def _parse_references(handle, count: int) -> list[str]:
     """`references.jsonl`: one JSON object per line, `{"path": ...}`; a blank or malformed line is an
     error naming it (it would shift every later entry)."""
@@ -401,8 +396,14 @@ def _check_finite_rows(embeddings: torch.Tensor, name: str) -> None:
 
 def _open_image(path: str) -> PIL.Image.Image:
     with PIL.Image.open(path) as image:
+        check_image_size(image.width, image.height, path)  # before decoding anything
         image.load()  # decode now: a truncated file fails here
         return image.convert("RGB")
+
+
+def _checked_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    check_image_size(image.width, image.height, name)
+    return image.convert("RGB")
 
 
 def _exact_top_k(query: torch.Tensor, embeddings: torch.Tensor, k: int, banned: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

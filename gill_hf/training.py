@@ -228,6 +228,13 @@ class GillTrainer(Trainer):
             concat = False  # evaluation is deterministic, as the reference's validation
         outputs = model(**inputs, concat_captions=concat)
         if model.training:
+            if not torch.isfinite(outputs.loss.detach()).all():
+                # One NaN would turn every GILL weight into NaN and the run would "succeed" with loss 0.
+                components = {k: float(outputs[k].detach()) for k in LOSS_KEYS if outputs.get(k) is not None}
+                raise FloatingPointError(
+                    f"Non-finite training loss at step {self.state.global_step} (components {components}); stopping "
+                    "before the weights are updated. Check the data (targets, images) and the learning rate."
+                )
             for key in LOSS_KEYS:
                 value = outputs.get(key)
                 if value is not None:
@@ -465,7 +472,7 @@ def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArgu
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # our push function, not Trainer's
     collator = GillDataCollator(processor, max_length=data_args.max_length, num_clip_tokens=model.config.num_clip_tokens,
-                                caption_column="caption", image_column="image")
+                                gen_emb_dim=model.config.gen_emb_dim, caption_column="caption", image_column="image")
     trainer = GillTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           data_collator=collator, processing_class=processor)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -15,6 +15,13 @@ ADAPTER_WEIGHTS_NAME = "gill_adapter.safetensors"
 BACKBONE_PREFIXES = ("language_model.", "vision_model.")
 
 
+def looks_like_a_local_path(name: str | os.PathLike) -> bool:
+    """Hub ids are `name` or `org/name`; anything else (absolute, `./x`, `~/x`, deeper) names a local
+    path, which must not silently become a hub lookup when it does not exist."""
+    text = os.fspath(name)
+    return os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+
+
 def gill_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors that belong to GILL itself (everything but the two backbones)."""
     return {
@@ -51,4 +58,4 @@ def load_adapter_weights(model: torch.nn.Module, weights_file: str | os.PathLike
     model.load_state_dict(state, strict=False)
 
 
-__all__ = ["ADAPTER_WEIGHTS_NAME", "BACKBONE_PREFIXES", "gill_state_dict", "load_adapter_weights", "save_adapter_weights"]
+__all__ = ["ADAPTER_WEIGHTS_NAME", "BACKBONE_PREFIXES", "looks_like_a_local_path", "gill_state_dict", "load_adapter_weights", "save_adapter_weights"]

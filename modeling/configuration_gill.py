@@ -11,6 +11,10 @@ from transformers.configuration_utils import SubConfigSpec
 DECISION_HEAD_TYPES = ("hidden", "hidden_and_score")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class GillConfig(PreTrainedConfig):
     r"""
     Configuration of a [`GillForConditionalGeneration`]. The defaults are the released GILL model
@@ -143,14 +147,14 @@ class GillConfig(PreTrainedConfig):
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.mapper_hidden_size % self.mapper_num_heads:
             raise ValueError(
                 f"`mapper_hidden_size` ({self.mapper_hidden_size}) must be divisible by "
                 f"`mapper_num_heads` ({self.mapper_num_heads})."
             )
-        if len(self.text_emb_layers) != 1:
+        if not isinstance(self.text_emb_layers, (list, tuple)) or len(self.text_emb_layers) != 1:
             raise ValueError(
                 f"`text_emb_layers` must name exactly one LM layer (as the reference's inference "
                 f"does), got {self.text_emb_layers!r}."
@@ -160,6 +164,29 @@ class GillConfig(PreTrainedConfig):
                 f"`decision_head_type` must be None or one of {DECISION_HEAD_TYPES}, "
                 f"got {self.decision_head_type!r}."
             )
+        self._validate_token_ids()
+        layers = getattr(self.text_config, "num_hidden_layers", None)
+        layer = self.text_emb_layers[0]
+        if not _is_int(layer) or (layers is not None and not -(layers + 1) <= layer <= layers):
+            raise ValueError(
+                f"`text_emb_layers` must name a hidden-state index of the LM (-{(layers or 0) + 1}..{layers}), got {self.text_emb_layers!r}."
+            )
+        if not 0.0 <= self.concat_captions_prob <= 1.0:
+            raise ValueError(f"`concat_captions_prob` must lie in [0, 1], got {self.concat_captions_prob!r}.")
+
+    def _validate_token_ids(self) -> None:
+        """Ids that would break the model later (a logits row of 1e9 columns, `<|image|>` taken for
+        `[IMG0]`) are refused when the config is built or loaded."""
+        if self.vocab_size is not None and (not _is_int(self.vocab_size) or self.vocab_size <= 0):
+            raise ValueError(f"`vocab_size` must be a positive integer, got {self.vocab_size!r}.")
+        lm_rows = getattr(self.text_config, "vocab_size", None) or 0
+        limit = self.vocab_size if self.vocab_size is not None else lm_rows + self.num_img_tokens + 1
+        ids = [("img_token_ids", i) for i in (self.img_token_ids or [])]
+        if self.image_token_id is not None:
+            ids.append(("image_token_id", self.image_token_id))
+        for name, value in ids:
+            if not _is_int(value) or not 0 <= value < limit:
+                raise ValueError(f"`{name}` holds {value!r}; ids must be integers in [0, {limit}) (the tokenizer's size).")
         if self.img_token_ids is not None:
             if len(self.img_token_ids) != self.num_img_tokens:
                 raise ValueError(
@@ -168,8 +195,8 @@ class GillConfig(PreTrainedConfig):
                 )
             if len(set(self.img_token_ids)) != len(self.img_token_ids):
                 raise ValueError(f"`img_token_ids` must be distinct, got {self.img_token_ids!r}.")
-        if not 0.0 <= self.concat_captions_prob <= 1.0:
-            raise ValueError(f"`concat_captions_prob` must lie in [0, 1], got {self.concat_captions_prob!r}.")
+            if self.image_token_id in self.img_token_ids:
+                raise ValueError(f"`image_token_id` ({self.image_token_id}) must differ from every `img_token_ids` id.")
 
     @property
     def lm_ties_embeddings(self) -> bool:

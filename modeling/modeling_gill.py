@@ -23,7 +23,7 @@ from transformers import initialization as init
 from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import ModelOutput, cached_file
 
-from .checkpointing import ADAPTER_WEIGHTS_NAME, load_adapter_weights, save_adapter_weights
+from .checkpointing import ADAPTER_WEIGHTS_NAME, load_adapter_weights, looks_like_a_local_path, save_adapter_weights
 from .configuration_gill import GillConfig
 from .heads_gill import GillDecisionHead, GillMapper
 from .manifest import MANIFEST_NAME, load_consistently, read_manifest, save_folder, verify_folder
@@ -633,6 +633,8 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         local = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if os.path.isdir(local):
             return load_consistently(local, load)
+        if looks_like_a_local_path(pretrained_model_name_or_path):
+            raise ValueError(f"The GILL checkpoint folder {local!r} does not exist.")
         manifest_file = cached_file(pretrained_model_name_or_path, MANIFEST_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if manifest_file is None:
             return load(None)

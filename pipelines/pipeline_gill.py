@@ -7,6 +7,7 @@ Diffusion `prompt_embeds` that the UNet/VAE turn into images.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,8 +232,27 @@ class GillPipeline(DiffusionPipeline):
     def check_inputs(
         self, max_new_tokens, num_inference_steps, height, width, num_images_per_prompt, decoding, image_source,
         do_sample, temperature, top_p, min_word_tokens, force_image, max_images, num_retrieved, output_type,
-        negative_prompt, negative_prompt_embeds, callback_on_step_end_tensor_inputs,
+        negative_prompt, negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale=1.0,
+        gen_scale_factor=1.0, ret_scale_factor=1.0, latents=None, flags=None,
     ) -> None:
+        for name, value in (flags or {}).items():
+            if not isinstance(value, bool):  # "no" would be truthy
+                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{name}` must be an int (or None for the UNet's size), got {value!r}.")
+        for name, value, low, high in (
+            ("guidance_scale", guidance_scale, 0.0, 1e4), ("temperature", temperature, 0.0, 1e4),
+            ("gen_scale_factor", gen_scale_factor, 0.0, 1e6), ("ret_scale_factor", ret_scale_factor, 0.0, 1e6),
+            ("top_p", top_p, 0.0, 1.0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"`{name}` must be a number, got {value!r}.")
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"`{name}` must be a finite number in [{low:g}, {high:g}], got {value!r}.")
+        for name, tensor in (("latents", latents), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if tensor is not None and (not isinstance(tensor, torch.Tensor) or not torch.isfinite(tensor).all()):
+                raise ValueError(f"`{name}` must be a tensor of finite values.")
         for name, value, minimum in (
             ("max_new_tokens", max_new_tokens, 1), ("num_inference_steps", num_inference_steps, 1),
             ("num_images_per_prompt", num_images_per_prompt, 1), ("min_word_tokens", min_word_tokens, 0),
@@ -471,7 +491,9 @@ class GillPipeline(DiffusionPipeline):
         self.check_inputs(
             max_new_tokens, num_inference_steps, height, width, num_images_per_prompt, decoding, image_source,
             do_sample, temperature, top_p, min_word_tokens, force_image, max_images, num_retrieved, output_type,
-            negative_prompt, negative_prompt_embeds, callback_on_step_end_tensor_inputs,
+            negative_prompt, negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale,
+            gen_scale_factor, ret_scale_factor, latents,
+            flags={"do_sample": do_sample, "force_image": force_image, "return_dict": return_dict, "truncation": truncation},
         )
         if prompt is None:
             raise ValueError("`prompt` is required.")
@@ -550,6 +572,8 @@ class GillPipeline(DiffusionPipeline):
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    if not torch.isfinite(latents).all():
+                        raise ValueError(f"`callback_on_step_end` returned latents with NaN or infinite values at step {i}.")
                 progress_bar.update()
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         image = self.run_safety_checker(image, device, prompt_embeds.dtype)

@@ -435,7 +435,6 @@ def pil(mode: str, size=(8, 8)) -> PIL.Image.Image:
         ([["  "]], None, ValueError, r"text\[0\]"),
         (["a", ""], None, ValueError, r"text\[1\]"),
         # markers that would desynchronise ids and images
-        ("a <|image|> b", None, ValueError, "reserved"),
         ([RED, "a <image>"], None, ValueError, r"text\[1\]"),
     ],
 )

@@ -95,9 +95,9 @@ def test_unknown_split_is_refused(split):
 def test_generate_command_writes_loadable_parquet(tmp_path):
     from datasets import Dataset
 
-    from gill_hf.world.cli import main
+    from gill_hf.cli import main
 
-    main(["generate", "--output-dir", str(tmp_path), "--n-train", "8", "--n-val", "4",
+    main(["world", "generate", "--output-dir", str(tmp_path), "--n-train", "8", "--n-val", "4",
           "--n-heldout", "4", "--seed", "5"])
     ds = Dataset.from_parquet(str(tmp_path / "heldout.parquet"))
     assert len(ds) == 4 and ds[0]["image"].size == (32, 32)

@@ -1,6 +1,8 @@
-"""`python -m gill_hf.world <command>`: see gill_hf.world.cli."""
+"""`python -m gill_hf.world <command>`: the same as `gill-hf world <command>` (see gill_hf.world.cli)."""
 
-from .cli import main
+import sys
+
+from ..cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["world", *sys.argv[1:]])

@@ -105,14 +105,7 @@ def register_world_commands(subparsers) -> None:
 
     p = subparsers.add_parser("evaluate", help="measure the shipped models' acceptance metrics")
     _common(p)
-    p.add_argument("which", nargs="*", default=["judge", "clip", "vae", "sd"])
+    p.add_argument("which", nargs="*", default=["judge", "clip", "vae", "sd"], choices=["judge", "clip", "vae", "sd"],
+                   help="which models to measure (default: all four)")
     p.add_argument("--update-cards", action="store_true")
     p.set_defaults(func=_evaluate)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gill_hf.world", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_world_commands(sub)
-    a = parser.parse_args(argv)
-    a.func(a)
