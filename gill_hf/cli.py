@@ -30,22 +30,9 @@ COMMAND_MODULES = (
 
 
 def _train(namespace: argparse.Namespace) -> None:
-    import torch
-    from transformers import HfArgumentParser
+    from .training import train_from_argv
 
-    from .training import GillDataArguments, GillModelArguments, GillTrainingArguments, train_from_arguments
-
-    argv = list(namespace.extra_args)
-    parser = HfArgumentParser((GillModelArguments, GillDataArguments, GillTrainingArguments), prog="gill-hf train")
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, training_args = load(argv[0])  # the file says everything, precision included
-    else:
-        # bf16 where the hardware supports it, as the reference trains; an explicit flag wins.
-        if not any(flag in argv for flag in ("--bf16", "--fp16")) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            argv.append("--bf16")
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    train_from_arguments(model_args, data_args, training_args)
+    train_from_argv(namespace.extra_args)
 
 
 def register_train_command(subparsers) -> None:

@@ -351,31 +351,45 @@ def load_saved_or_hub_dataset(name: str, config_name: str | None = None, split: 
     return datasets.load_dataset(name, config_name, split=split, streaming=streaming)
 
 
-def _precompute_targets(namespace) -> None:
+def precompute_targets(output_dir: str | os.PathLike, sd_model: str, *, train_tsv: str | None = None,
+                       image_dir: str | None = None, dataset_name: str | None = None, dataset_config_name: str | None = None,
+                       split: str = "train", image_column: str = "image", caption_column: str = "caption",
+                       batch_size: int = 128, model_name_or_path: str | None = None):
+    """`gill-hf precompute-targets`: one data source (a CC3M-layout TSV + image folder, or a
+    `datasets` dataset) with the SD text-encoder targets of its captions (and, given a GILL
+    checkpoint, its cached vision features), saved with `save_to_disk`. Returns the dataset."""
     from transformers import AutoTokenizer, CLIPTextModel
 
-    if bool(namespace.train_tsv) == bool(namespace.dataset_name):
+    if bool(train_tsv) == bool(dataset_name):
         raise ValueError("Pass exactly one data source: `--train_tsv` (with `--image_dir`) or `--dataset_name`.")
-    if namespace.train_tsv:
-        if not namespace.image_dir:
+    if train_tsv:
+        if not image_dir:
             raise ValueError("`--train_tsv` needs `--image_dir` (the folder of its images).")
-        dataset = load_cc3m_dataset(namespace.train_tsv, namespace.image_dir, targets_dir=None)
+        dataset = load_cc3m_dataset(train_tsv, image_dir, targets_dir=None)
     else:
-        dataset = prepare_hf_dataset(load_saved_or_hub_dataset(namespace.dataset_name, namespace.dataset_config_name, namespace.split),
-                                     namespace.image_column, namespace.caption_column)
+        dataset = prepare_hf_dataset(load_saved_or_hub_dataset(dataset_name, dataset_config_name, split),
+                                     image_column, caption_column)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # fp32 whatever the folder stores: SD folders ship fp16 text encoders, ~2x slower on a CPU.
-    encoder = CLIPTextModel.from_pretrained(namespace.sd_model, subfolder="text_encoder", dtype=torch.float32).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(namespace.sd_model, subfolder="tokenizer")
-    dataset = precompute_gen_targets(dataset, encoder, tokenizer, batch_size=namespace.batch_size)
-    if namespace.model_name_or_path:
+    encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
+    dataset = precompute_gen_targets(dataset, encoder, tokenizer, batch_size=batch_size)
+    if model_name_or_path:
         from .modeling import GillForConditionalGeneration
         from .processing_gill import GillProcessor
 
-        model = GillForConditionalGeneration.from_pretrained(namespace.model_name_or_path).to(device)
-        dataset = cache_image_features(dataset, model, GillProcessor.from_pretrained(namespace.model_name_or_path))
-    dataset.save_to_disk(namespace.output_dir)
-    print(f"Saved {len(dataset)} examples with columns {dataset.column_names} to {namespace.output_dir}")
+        model = GillForConditionalGeneration.from_pretrained(model_name_or_path).to(device)
+        dataset = cache_image_features(dataset, model, GillProcessor.from_pretrained(model_name_or_path))
+    dataset.save_to_disk(os.fspath(output_dir))
+    print(f"Saved {len(dataset)} examples with columns {dataset.column_names} to {output_dir}")
+    return dataset
+
+
+def _precompute_targets(namespace) -> None:
+    precompute_targets(namespace.output_dir, namespace.sd_model, train_tsv=namespace.train_tsv, image_dir=namespace.image_dir,
+                       dataset_name=namespace.dataset_name, dataset_config_name=namespace.dataset_config_name,
+                       split=namespace.split, image_column=namespace.image_column, caption_column=namespace.caption_column,
+                       batch_size=namespace.batch_size, model_name_or_path=namespace.model_name_or_path)
 
 
 def register_data_commands(subparsers) -> None:
@@ -402,6 +416,7 @@ __all__ = [
     "encode_captions_for_sd",
     "load_cc3m_dataset",
     "precompute_gen_targets",
+    "precompute_targets",
     "load_saved_or_hub_dataset",
     "prepare_hf_dataset",
     "register_data_commands",

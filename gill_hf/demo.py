@@ -27,11 +27,12 @@ import html
 import io
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .world.scoring import caption_check, describe, first_sentence, read_single_objects, scene_attributes
 
 SECTIONS = (
     ("text-to-image", "Text -> generated image"),
@@ -68,35 +69,6 @@ def _png_b64(image, scale: int = UPSCALE) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _judge_single(judge, images) -> list[dict]:
-    """The judge's reading of single-object images: the most confident position is the object."""
-    import numpy as np
-
-    from .world.render import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
-
-    arrays = np.stack([np.asarray(im.convert("RGB").resize((32, 32))) for im in images]).astype(np.uint8)
-    p = judge.predict(arrays)
-    k = p["present"].argmax(1)
-    n = np.arange(len(images))
-    return [{"shape": SHAPES[p["shape"][i, k[i]]], "colour": COLOUR_NAMES[p["colour"][i, k[i]]],
-             "size": SIZES[p["size"][i, k[i]]], "position": POSITIONS[k[i]]} for i in n]
-
-
-def _attrs(labels: dict, i: int = 0) -> dict:
-    return {"shape": labels["shapes"][i], "colour": labels["colours"][i], "size": labels["sizes"][i],
-            "position": labels["positions"][i]}
-
-
-def _describe(attrs: dict) -> str:
-    return f"{attrs['size']} {attrs['colour']} {attrs['shape']}, {attrs['position']}"
-
-
-def caption_mentions(text: str, attrs: dict) -> dict[str, bool]:
-    """Whether a generated caption names the scene's colour and shape (whole words)."""
-    words = set(re.findall(r"[a-z]+", text.lower()))
-    return {"colour": attrs["colour"] in words, "shape": attrs["shape"] in words}
-
-
 def _generators(seed: int, n: int):
     import torch
 
@@ -110,29 +82,6 @@ class _Progress:
     def step(self, what: str) -> None:
         self.done += 1
         print(f"[demo {self.done}/{self.total} | {time.time() - self.start:5.1f} s] {what}", flush=True)
-
-
-# ----- loading -------------------------------------------------------------------------------------------
-
-
-def load_demo_pipeline(model_path: str | os.PathLike | None = None, sd_path: str | os.PathLike | None = None):
-    """GillPipeline from the GILL-tiny adapter, the world SD and GILL-tiny's retrieval index."""
-    import torch
-
-    from .pipelines import GillPipeline
-    from .world.gill_tiny import GILL_TINY_DIR, SD_DIR, build_retrieval_index, load_gill_tiny, retrieval_dataset
-
-    model_path = Path(model_path or GILL_TINY_DIR)
-    sd_path = Path(sd_path or SD_DIR)
-    for what, path, marker in (("GILL-tiny adapter", model_path, "config.json"), ("world SD", sd_path, "model_index.json")):
-        if not (path / marker).is_file():
-            raise FileNotFoundError(f"The {what} is missing ({str(path)!r} has no {marker}).")
-    model, processor = load_gill_tiny(model_path)
-    dataset = retrieval_dataset()
-    index = build_retrieval_index(model, processor, dataset)
-    pipe = GillPipeline.from_sd_and_gill(str(sd_path), model, processor, retrieval_index=index, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, dataset
 
 
 # ----- the sections ----------------------------------------------------------------------------------------
@@ -150,13 +99,13 @@ def text_to_image(pipe, judge, args) -> list[Item]:
     out = pipe(prompt=captions, force_image=True, image_source="generated", max_new_tokens=8,
                generator=_generators(args.seed, len(captions)), **_gen_kwargs(args))
     images = [row[0] for row in out.images]
-    readings = _judge_single(judge, images)
+    readings = read_single_objects(judge, images)
     items = []
     for (scene, caption), image, seen in zip(scenes, images, readings):
-        truth = _attrs(scene.labels())
+        truth = scene_attributes(scene.labels())
         checks = {k: seen[k] == truth[k] for k in ("shape", "colour", "size", "position")}
         items.append(Item(prompt=caption, images_out=[image], checks=checks,
-                          notes=[f"asked: {_describe(truth)}", f"judge sees: {_describe(seen)}"]))
+                          notes=[f"asked: {describe(truth)}", f"judge sees: {describe(seen)}"]))
     return items
 
 
@@ -170,10 +119,10 @@ def image_to_text(pipe, judge, args) -> list[Item]:
         image = render_scene(scene)
         out = pipe(prompt=[image], max_new_tokens=args.caption_tokens, image_source="generated", max_images=1,
                    generator=_generators(args.seed + 100 + i, 1), **_gen_kwargs(args))
-        text = out.text[0].replace("<image>", "").strip()
-        truth = _attrs(scene.labels())
-        items.append(Item(prompt="[image]", images_in=[image], text_out=text, checks=caption_mentions(text, truth),
-                          notes=[f"scene: {_describe(truth)}"]))
+        text = first_sentence(out.text[0].replace("<image>", "").strip())  # the captioning protocol's answer
+        truth = scene_attributes(scene.labels())
+        items.append(Item(prompt="[image]", images_in=[image], text_out=text, checks=caption_check(text, truth),
+                          notes=[f"scene: {describe(truth)}"]))
     return items
 
 
@@ -194,11 +143,11 @@ def image_and_text_to_image(pipe, judge, args) -> list[Item]:
         out = pipe(prompt=[image, instruction], force_image=True, image_source="generated", max_new_tokens=8,
                    generator=_generators(args.seed + 200 + i, 1), **_gen_kwargs(args))
         generated = out.images[0][0]
-        seen = _judge_single(judge, [generated])[0]
-        source = _attrs(scene.labels())
+        seen = read_single_objects(judge, [generated])[0]
+        source = scene_attributes(scene.labels())
         items.append(Item(prompt=f"[image] {instruction}", images_in=[image], images_out=[generated],
                           checks={"shape kept": seen["shape"] == source["shape"], "green": seen["colour"] == "green"},
-                          notes=[f"source: {_describe(source)}", f"judge sees: {_describe(seen)}"]))
+                          notes=[f"source: {describe(source)}", f"judge sees: {describe(seen)}"]))
     return items
 
 
@@ -214,10 +163,10 @@ def dialogue(pipe, judge, args) -> list[Item]:
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     first = pipe(prompt=prompt, prompt_images=[image], max_new_tokens=args.caption_tokens, image_source="generated",
                  max_images=1, generator=_generators(args.seed + 300, 1), **_gen_kwargs(args))
-    answer = first.text[0].replace("<image>", "").strip()
-    truth = _attrs(scene.labels())
+    answer = first_sentence(first.text[0].replace("<image>", "").strip())
+    truth = scene_attributes(scene.labels())
     items = [Item(prompt="user: [image] What is in this picture?", images_in=[image], text_out=f"assistant: {answer}",
-                  checks=caption_mentions(answer, truth), notes=[f"scene: {_describe(truth)}"])]
+                  checks=caption_check(answer, truth), notes=[f"scene: {describe(truth)}"])]
     follow = "Now show me a picture of it, but large and in the center."
     messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -225,10 +174,10 @@ def dialogue(pipe, judge, args) -> list[Item]:
                   max_new_tokens=8 + args.caption_tokens, max_images=1, generator=_generators(args.seed + 301, 1),
                   **_gen_kwargs(args))
     generated = [row for row in second.images[0]]
-    seen = _judge_single(judge, generated[:1])[0] if generated else None
+    seen = read_single_objects(judge, generated[:1])[0] if generated else None
     checks = {} if seen is None else {"shape kept": seen["shape"] == truth["shape"], "colour kept": seen["colour"] == truth["colour"]}
     items.append(Item(prompt=f"user: {follow}", text_out="assistant: " + second.text[0], images_out=generated, checks=checks,
-                      notes=[f"judge sees: {_describe(seen)}"] if seen else []))
+                      notes=[f"judge sees: {describe(seen)}"] if seen else []))
     return items
 
 
@@ -328,6 +277,7 @@ def _write_grid(results: dict[str, list[Item]], path: Path) -> None:
 def run_demo(args) -> dict:
     import torch
 
+    from .world.gill_tiny import load_gill_tiny_pipeline
     from .world.judge import load_judge
 
     if args.threads:
@@ -335,7 +285,8 @@ def run_demo(args) -> dict:
     torch.manual_seed(args.seed)
     start = time.time()
     progress = _Progress(len(SECTIONS) + 1)
-    pipe, dataset = load_demo_pipeline(args.model, args.sd)
+    pipe = load_gill_tiny_pipeline(args.model, args.sd)
+    dataset = pipe.retrieval_index.dataset
     judge = load_judge()
     progress.step(f"loaded GILL-tiny, world SD, judge and a {len(dataset)}-image retrieval index")
     results = {}

@@ -453,6 +453,24 @@ def _prepare(dataset, data_args: GillDataArguments, model, processor):
     return dataset
 
 
+def train_from_argv(argv: list[str]) -> GillTrainer:
+    """`gill-hf train ARGV`: GILL's model, data and every `TrainingArguments` flag through
+    `HfArgumentParser`, or one JSON/YAML file holding them all."""
+    from transformers import HfArgumentParser
+
+    argv = list(argv)
+    parser = HfArgumentParser((GillModelArguments, GillDataArguments, GillTrainingArguments), prog="gill-hf train")
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        model_args, data_args, training_args = load(argv[0])  # the file says everything, precision included
+    else:
+        # bf16 where the hardware supports it, as the reference trains; an explicit flag wins.
+        if not any(flag in argv for flag in ("--bf16", "--fp16")) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            argv.append("--bf16")
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return train_from_arguments(model_args, data_args, training_args)
+
+
 def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArguments, training_args: TrainingArguments) -> GillTrainer:
     """The `gill-hf train` recipe: load, build data, train (resuming if asked), save GILL's weights,
     evaluate, and push with the package's push function when `--push_to_hub` is set."""
@@ -532,5 +550,6 @@ __all__ = [
     "reference_lr_lambda",
     "save_trainable_weights",
     "train_from_arguments",
+    "train_from_argv",
     "trainable_state_dict",
 ]

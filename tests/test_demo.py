@@ -12,10 +12,17 @@ MISSING = [str(p) for p in (gill_tiny.GILL_TINY_DIR / "gill_adapter.safetensors"
            if not p.is_file()]
 
 
-def test_caption_check_reads_whole_words():
+def test_caption_check_reads_the_first_sentence_and_fails_invented_objects():
+    from gill_hf.world.scoring import caption_check
+
     attrs = {"shape": "circle", "colour": "red", "size": "small", "position": "center"}
-    assert demo.caption_mentions("A small red circle in the middle.", attrs) == {"colour": True, "shape": True}
-    assert demo.caption_mentions("a reddish circles", attrs) == {"colour": False, "shape": False}
+    assert caption_check("A small red circle in the middle.", attrs) == {"colour": True, "shape": True}
+    assert caption_check("a reddish circles", attrs) == {"colour": False, "shape": True}
+    # Only the first sentence counts: what runs on after it is not part of the answer.
+    assert caption_check("A red circle. It's yellow with a big blue square", attrs) == {"colour": True, "shape": True}
+    # A wrong second object fails the attribute it gets wrong.
+    assert caption_check("A red circle and a blue cross", attrs) == {"colour": False, "shape": False}
+    assert caption_check("Two red crosses", attrs) == {"colour": True, "shape": False}
 
 
 def test_report_writer_holds_every_section(tmp_path):

@@ -97,7 +97,7 @@ def test_world_clip_loads_with_standard_classes_and_classifies():
 def test_world_sd_loads_and_follows_prompts(judge):
     from diffusers import StableDiffusionPipeline
 
-    from gill_hf.world.evaluate import eval_captions, generate_images, judge_single
+    from gill_hf.world.sd import eval_captions, generate_images, judge_single
 
     pipe = StableDiffusionPipeline.from_pretrained(str(asset_path("sd")), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -116,7 +116,7 @@ def test_world_vae_reconstructs_shapes(judge):
     edge-loss decoder stage, 0.845 after, on these 200 images; PSNR 34.0 dB)."""
     from diffusers import AutoencoderKL
 
-    from gill_hf.world.evaluate import judge_single
+    from gill_hf.world.sd import judge_single
     from gill_hf.world.sd import psnr, reconstruct
 
     vae = AutoencoderKL.from_pretrained(str(asset_path("sd") / "vae"), dtype=torch.float32)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .render import COLOUR_NAMES, POSITION_PHRASES, POSITIONS, SHAPES, SIZE_WORDS, SIZES
+from .scoring import caption_check, read_single_objects, score_readings
 
 EVAL_SEED_BASE = 70_000
 ROW_GROUPS = ("text-to-image", "stories", "image+text", "image-to-text", "retrieval", "decision")
@@ -71,22 +72,6 @@ def make_stories(n: int, seed: int = 0) -> list[tuple[str, dict, str]]:
     return out
 
 
-def _judge(judge, images) -> list[dict]:
-    from ..demo import _judge_single
-
-    return _judge_single(judge, images)
-
-
-def _score(readings: list[dict], truths: list[dict]) -> dict[str, float]:
-    res = {}
-    for attr in ("shape", "colour", "size", "position"):
-        res[attr] = float(np.mean([r[attr] == t[attr] for r, t in zip(readings, truths)]))
-    res["all_four"] = float(np.mean([all(r[a] == t[a] for a in ("shape", "colour", "size", "position"))
-                                     for r, t in zip(readings, truths)]))
-    res["n"] = len(truths)
-    return res
-
-
 def _batched_images(draw, items, args, seed: int) -> list:
     """`draw(batch, generators)` over `items` in batches, one seeded generator per item."""
     import torch
@@ -118,13 +103,14 @@ def evaluate_world(args) -> dict:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from ..demo import load_demo_pipeline
+    from .gill_tiny import load_gill_tiny_pipeline
     from .judge import load_judge
 
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    pipe, dataset = load_demo_pipeline(args.model, args.sd)
+    pipe = load_gill_tiny_pipeline(args.model, args.sd)
+    dataset = pipe.retrieval_index.dataset
     groups = set(args.rows or ROW_GROUPS)
     sd = judge = None
     if groups & {"text-to-image", "stories", "image+text"}:  # the rows that draw images to judge
@@ -178,21 +164,21 @@ def _text_to_image_rows(pipe, sd, judge, args, seed: int) -> dict:
         scenes = [sample_example(seed, split, i, num_objects=1) for i in range(args.num)]
         captions = [c for _, c in scenes]
         truths = [{k: s.labels()[k + "s"][0] for k in ("shape", "colour", "size", "position")} for s, _ in scenes]
-        table[f"text->image ({split}) GILL-tiny"] = _score(_judge(judge, _gill_images(pipe, captions, args, seed)), truths)
-        table[f"text->image ({split}) world SD"] = _score(_judge(judge, _sd_images(sd, captions, args, seed)), truths)
+        table[f"text->image ({split}) GILL-tiny"] = score_readings(read_single_objects(judge, _gill_images(pipe, captions, args, seed)), truths)
+        table[f"text->image ({split}) world SD"] = score_readings(read_single_objects(judge, _sd_images(sd, captions, args, seed)), truths)
     return table
 
 
 def _story_rows(pipe, sd, judge, args, seed: int) -> dict:
     stories = make_stories(args.num, seed)
     texts, truths = [s for s, _, _ in stories], [f for _, f, _ in stories]
-    gill = _judge(judge, _gill_images(pipe, texts, args, seed + 1))
-    base = _judge(judge, _sd_images(sd, texts, args, seed + 1))
-    table = {"stories GILL-tiny": _score(gill, truths), "stories world SD (concatenated text)": _score(base, truths)}
+    gill = read_single_objects(judge, _gill_images(pipe, texts, args, seed + 1))
+    base = read_single_objects(judge, _sd_images(sd, texts, args, seed + 1))
+    table = {"stories GILL-tiny": score_readings(gill, truths), "stories world SD (concatenated text)": score_readings(base, truths)}
     for kind in ("colour", "size", "position", "same-shape", "distractor"):
         idx = [i for i, (_, _, k) in enumerate(stories) if k == kind]
-        table[f"stories/{kind} GILL-tiny"] = _score([gill[i] for i in idx], [truths[i] for i in idx])
-        table[f"stories/{kind} world SD"] = _score([base[i] for i in idx], [truths[i] for i in idx])
+        table[f"stories/{kind} GILL-tiny"] = score_readings([gill[i] for i in idx], [truths[i] for i in idx])
+        table[f"stories/{kind} world SD"] = score_readings([base[i] for i in idx], [truths[i] for i in idx])
     return table
 
 
@@ -211,15 +197,14 @@ def _interleaved_rows(pipe, sd, judge, args, seed: int) -> dict:
         prompts.append([render_scene(scene), text])
         sd_texts.append(text)
         truths.append({"shape": labels["shapes"][0], "colour": colour, "size": labels["sizes"][0], "position": labels["positions"][0]})
-    return {"image+text GILL-tiny": _score(_judge(judge, _gill_images(pipe, prompts, args, seed + 2)), truths),
-            "image+text world SD (text only)": _score(_judge(judge, _sd_images(sd, sd_texts, args, seed + 2)), truths)}
+    return {"image+text GILL-tiny": score_readings(read_single_objects(judge, _gill_images(pipe, prompts, args, seed + 2)), truths),
+            "image+text world SD (text only)": score_readings(read_single_objects(judge, _sd_images(sd, sd_texts, args, seed + 2)), truths)}
 
 
 def _caption_row(pipe, args, seed: int) -> dict:
     """Colour and shape words of GILL-tiny's caption of a single-object image."""
     import torch
 
-    from ..demo import caption_mentions
     from .data import sample_example
     from .render import render_scene
 
@@ -229,7 +214,7 @@ def _caption_row(pipe, args, seed: int) -> dict:
         out = pipe(prompt=[render_scene(scene)], max_new_tokens=args.caption_tokens, max_images=1, image_source="generated",
                    num_inference_steps=1, generator=torch.Generator().manual_seed(seed + i))
         labels = scene.labels()
-        hits.append(caption_mentions(out.text[0], {"colour": labels["colours"][0], "shape": labels["shapes"][0]}))
+        hits.append(caption_check(out.text[0], {"colour": labels["colours"][0], "shape": labels["shapes"][0]}))
     return {"colour": float(np.mean([h["colour"] for h in hits])), "shape": float(np.mean([h["shape"] for h in hits])),
             "colour+shape": float(np.mean([h["colour"] and h["shape"] for h in hits])), "n": args.num}
 

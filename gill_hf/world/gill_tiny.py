@@ -121,7 +121,7 @@ def prepare(num_train: int = DEFAULT_NUM_TRAIN, num_eval: int = DEFAULT_NUM_EVAL
     and the initial adapter checkpoint <work>/init. Targets come from `gill-hf precompute-targets`."""
     import datasets
 
-    from ..cli import main as gill_main
+    from ..data import precompute_targets
     from .data import generate_dataset
 
     work = work_dir()
@@ -137,8 +137,7 @@ def prepare(num_train: int = DEFAULT_NUM_TRAIN, num_eval: int = DEFAULT_NUM_EVAL
                 generate_dataset(n, split=split, seed=seed).save_to_disk(str(raw))
             if force or not (with_targets / "state.json").is_file():
                 print(f"[gill-tiny] gill-hf precompute-targets --sd_model {sd} ({split})", flush=True)
-                gill_main(["precompute-targets", "--dataset_name", str(raw), "--sd_model", str(sd),
-                           "--output_dir", str(with_targets)])
+                precompute_targets(with_targets, str(sd), dataset_name=str(raw))
             splits[split] = datasets.load_from_disk(str(with_targets))
         datasets.DatasetDict(splits).save_to_disk(str(final))
     init = work / "init"
@@ -232,6 +231,26 @@ def load_gill_tiny(path: str | os.PathLike = GILL_TINY_DIR, dtype=None):
     return model.eval(), GillProcessor.from_pretrained(str(path))
 
 
+def load_gill_tiny_pipeline(model_path: str | os.PathLike | None = None, sd_path: str | os.PathLike | None = None,
+                            retrieval: bool = True):
+    """The GILL-tiny `GillPipeline`, offline: the shipped adapter (or `model_path`), the world SD (or
+    `sd_path`) and, with `retrieval`, an index over the retrieval set (1,000 world images GILL-tiny
+    never trained on; its dataset is `pipe.retrieval_index.dataset`)."""
+    import torch
+
+    from ..pipelines import GillPipeline
+
+    model_path, sd_path = Path(model_path or GILL_TINY_DIR), Path(sd_path or SD_DIR)
+    for what, path, marker in (("GILL-tiny adapter", model_path, "config.json"), ("world SD", sd_path, "model_index.json")):
+        if not (path / marker).is_file():
+            raise FileNotFoundError(f"The {what} is missing ({str(path)!r} has no {marker}).")
+    model, processor = load_gill_tiny(model_path)
+    index = build_retrieval_index(model, processor) if retrieval else None
+    pipe = GillPipeline.from_sd_and_gill(str(sd_path), model, processor, retrieval_index=index, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ----- retrieval set and decision prompts --------------------------------------------------------------
 
 # The retrieval set: world images GILL-tiny never trained on (validation split, its own seed).
@@ -300,7 +319,7 @@ def train_decision(model_dir: str | os.PathLike, output_dir: str | os.PathLike, 
     import torch
     from safetensors.torch import save_file
 
-    from ..cli import main as gill_main
+    from ..decision import register_decision_command
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +341,7 @@ def train_decision(model_dir: str | os.PathLike, output_dir: str | os.PathLike, 
         if head == "hidden_and_score":
             argv += ["--retrieval_embeddings", str(embeddings)]
         print("[gill-tiny] gill-hf " + " ".join(argv), flush=True)
-        gill_main(argv)
+        run_registered_command(register_decision_command, argv)
         metrics[head] = json.loads((output_dir / head / "decision_metrics.json").read_text())
     (output_dir / "decision_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
@@ -410,6 +429,15 @@ def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TIN
 # ----- command line ---------------------------------------------------------------------------------------
 
 
+def run_registered_command(register, argv: list[str]):
+    """Runs a package command from the function that registers it (its own argument definitions),
+    as `gill-hf` would, without going through the CLI module."""
+    parser = argparse.ArgumentParser(prog="gill-hf")
+    register(parser.add_subparsers(dest="command", required=True))
+    namespace = parser.parse_args(argv)
+    return namespace.func(namespace)
+
+
 def _cmd_prepare(ns) -> None:
     print(json.dumps(prepare(ns.num_train, ns.num_eval, ns.seed, ns.force), indent=1))
 
@@ -427,7 +455,7 @@ def _cmd_command(ns) -> None:
 def _cmd_train(ns) -> None:
     import torch
 
-    from ..cli import main as gill_main
+    from ..training import train_from_argv
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -436,20 +464,20 @@ def _cmd_train(ns) -> None:
     if ns.resume_from_checkpoint:
         argv += ["--resume_from_checkpoint", ns.resume_from_checkpoint]
     print("[gill-tiny] gill-hf train " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    gill_main(["train", *argv])
+    train_from_argv(argv)
 
 
 def _cmd_retrieval(ns) -> None:
     import torch
 
-    from ..cli import main as gill_main
+    from ..retrieval_training import register_retrieval_command
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
     argv = retrieval_argv(ns.checkpoint, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.steps, ns.batch_size,
                           ns.backbone_dtype)
     print("[gill-tiny] gill-hf train-retrieval " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    gill_main(["train-retrieval", *argv])
+    run_registered_command(register_retrieval_command, ["train-retrieval", *argv])
 
 
 def _cmd_decision(ns) -> None:

@@ -23,7 +23,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
 
 from .common import (Checkpoint, asset_path, plot_curves, progress, save_fp16, seed_everything,
                      set_threads, smooth, to_tensor, to_uint8, write_json)
-from .data import cache_dir, generate_arrays
+from .data import cache_dir, generate_arrays, sample_example
+from .scoring import read_single_objects, scene_attributes, score_readings
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                 prediction_type="v_prediction", rescale_betas_zero_snr=True,
@@ -152,8 +153,6 @@ def image_gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def vae_report(vae: AutoencoderKL, seed: int = 0, judge=None) -> dict:
     """PSNR on 1,000 images per split; with a judge, also the judged attributes of 500 single-object
     reconstructions: the ceiling of any sampler decoding through this VAE."""
-    from .evaluate import judge_single
-
     res = {}
     for split in ("validation", "heldout"):
         d = generate_arrays(1000, split, seed + 101, use_cache=False)
@@ -229,8 +228,6 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
     and `--steps <reached>` reproduces it.
     """
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    from .evaluate import sd_report
 
     set_threads(threads)
     seed_everything(seed)
@@ -331,3 +328,79 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
             "evals": hist["evals"]}
     write_json(out / "training_info.json", info)
     return info
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+SD_GUIDANCE = 4.0
+SD_STEPS = 25
+
+
+def eval_captions(n: int, split: str, seed: int) -> tuple[list[str], list[dict]]:
+    """n single-object captions (natural phrasings) and their labels from a split."""
+    caps, labels = [], []
+    for i in range(n):
+        scene, cap = sample_example(seed, split, i, num_objects=1)
+        caps.append(cap)
+        labels.append(scene.labels())
+    return caps, labels
+
+
+@torch.no_grad()
+def generate_images(pipe, captions: list[str], steps: int, guidance: float, seed: int,
+                    batch_size: int = 50, guidance_rescale: float = 0.0) -> np.ndarray:
+    out = []
+    for i in range(0, len(captions), batch_size):
+        g = torch.Generator().manual_seed(seed + i)
+        r = pipe(captions[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                 guidance_rescale=guidance_rescale, generator=g, output_type="np")
+        out.append((r.images * 255).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def judge_single(judge, images: np.ndarray, labels: list[dict]) -> dict[str, float]:
+    """Judged accuracy of single-object samples against their scenes' labels."""
+    return score_readings(read_single_objects(judge, images), [scene_attributes(l) for l in labels])
+
+
+def sd_report(pipe, n: int = 200, steps: int = SD_STEPS, guidance: float = SD_GUIDANCE, seed: int = 0,
+              splits: tuple[str, ...] = ("validation", "heldout"), judge=None,
+              guidance_rescale: float = 0.0, grid_dir: str | Path | None = None) -> dict:
+    """World SD judged on n single-object captions per split (validation = unseen scenes
+    of seen combinations; heldout = shape/colour pairs never seen in training)."""
+    from .judge import load_judge
+
+    judge = judge or load_judge()
+    res = {}
+    for split in splits:
+        caps, labels = eval_captions(n, split, seed + 303)
+        imgs = generate_images(pipe, caps, steps, guidance, seed, guidance_rescale=guidance_rescale)
+        res[split] = judge_single(judge, imgs, labels)
+        if grid_dir is not None:
+            save_grid(imgs[:32], caps[:32], Path(grid_dir) / f"samples_{split}.png")
+    res["settings"] = {"n": n, "steps": steps, "guidance_scale": guidance,
+                       "guidance_rescale": guidance_rescale, "scheduler": "DDIM trailing, zero-SNR"}
+    return res
+
+
+def save_grid(images: np.ndarray, captions: list[str], path: Path, cols: int = 8,
+              scale: int = 3) -> None:
+    """Samples upscaled x3 in a grid, with their captions listed in a sidecar .txt."""
+    from PIL import Image
+
+    rows = (len(images) + cols - 1) // cols
+    s = images.shape[1] * scale
+    grid = Image.new("RGB", (cols * s, rows * s), "white")
+    for i, im in enumerate(images):
+        tile = Image.fromarray(im).resize((s, s), Image.Resampling.NEAREST)
+        grid.paste(tile, ((i % cols) * s, (i // cols) * s))
+    grid.save(path)
+    path.with_suffix(".txt").write_text("\n".join(f"{i}: {c}" for i, c in enumerate(captions)) + "\n")
+
+
+def load_sd(path: str | Path | None = None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path or asset_path("sd")), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
