@@ -18,11 +18,13 @@ import io
 import os
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from transformers.utils import logging
 
 from .images import check_image_size
@@ -76,27 +78,44 @@ def _load_target(value: Any, num_clip_tokens: int | None, gen_emb_dim: int | Non
     return target
 
 
+@dataclass
+class _Row:
+    """One example as the collator keeps it: a caption row or an interleaved row."""
+
+    text: str | None = None  # a caption row's caption
+    prompt: list | None = None  # an interleaved row's segments as a prompt (strings and images / features)
+    image: Any = None  # the paired image (a caption's image, an interleaved example's target), or None
+    feature: torch.Tensor | None = None  # its cached vision features (caption rows)
+    target: torch.Tensor | None = None
+
+
 class GillDataCollator:
     r"""
-    Builds `input_ids`, `attention_mask`, `pixel_values` (or `image_features`) and `gen_targets`
-    from raw examples with [`GillProcessor.build_training_inputs`] (the reference's truncation
-    rule: the `[IMG]` block always survives).
+    Builds the model's training inputs from raw examples of two kinds, which may share a batch:
 
-    Each example is a dict with a caption (`caption_column`) and either cached vision features
-    (`features_column`) or an image (`image_column`: a path, a `datasets.Image(decode=False)`
-    cell, a PIL image or an HWC uint8 array); and, optionally, a generation target
-    (`target_column`: an array, or `target_path_column`: a `.npy` path). Examples whose image or
-    target cannot be read, or whose caption is empty, are skipped; `skipped` counts them by
-    reason and every skip is logged with the running count.
+    - a **caption** example: a caption (`caption_column`) and either cached vision features
+      (`features_column`) or an image (`image_column`: a path, a `datasets.Image(decode=False)`
+      cell, a PIL image or an HWC uint8 array); rows from [`GillProcessor.build_training_inputs`]
+      (the reference's truncation rule: the `[IMG]` block always survives);
+    - an **interleaved** example (`gill_hf.interleaved`): `segments` (text and images in order),
+      `target_caption` and `target_image` (None where unknown: the row is then not `paired`); rows
+      from [`GillProcessor.build_interleaved_training_inputs`] (at most `interleaved_max_length`
+      tokens), flagged in `interleaved`. Cached vision features are for caption-only batches.
+
+    Either kind may carry a generation target (`target_column`: an array, or `target_path_column`:
+    a `.npy` path). Examples whose image or target cannot be read, whose target has the wrong shape
+    or holds NaN/inf, or whose caption is empty, are skipped; `skipped` counts them by reason and
+    every skip is logged with the running count. A batch of caption examples only gives exactly the
+    inputs of caption training (no interleaved keys).
 
     Args:
         processor: a [`GillProcessor`].
-        max_length: training row length (reference: 32).
+        max_length: caption row length (reference: 32).
         num_clip_tokens: rows of each target kept (reference: the model's `num_clip_tokens`).
-        gen_emb_dim: width every target must have (the model's `gen_emb_dim`); rows whose target has
-            another shape or non-finite values are skipped as `bad_target`.
+        gen_emb_dim: width every target must have (the model's `gen_emb_dim`).
         require_targets: skip examples without a target; `None` (default): required when any
             example of the batch has one (a batch is all-or-nothing for `gen_loss`).
+        interleaved_max_length: longest interleaved row, `[IMG]` block included.
     """
 
     def __init__(
@@ -111,6 +130,7 @@ class GillDataCollator:
         target_path_column: str = "gen_targets_path",
         require_targets: bool | None = None,
         gen_emb_dim: int | None = None,
+        interleaved_max_length: int = 96,
     ):
         self.processor = processor
         self.max_length = max_length
@@ -122,6 +142,7 @@ class GillDataCollator:
         self.target_column = target_column
         self.target_path_column = target_path_column
         self.require_targets = require_targets
+        self.interleaved_max_length = interleaved_max_length
         self.skipped: Counter[str] = Counter()
 
     @property
@@ -138,53 +159,98 @@ class GillDataCollator:
         value = example.get(self.target_column)
         return value if value is not None else example.get(self.target_path_column)
 
+    def _row(self, example: dict, require: bool, expected_dim: int | None) -> _Row | None:
+        """The example as a `_Row`, or None when it was skipped (counted)."""
+        interleaved = "segments" in example
+        row = _Row()
+        text = example.get("target_caption" if interleaved else self.caption_column)
+        if not isinstance(text, str) or not text.strip():
+            self._skip("bad_caption", example)
+            return None
+        if require:
+            value = self._target_value(example)
+            if value is None:
+                self._skip("missing_target", example)
+                return None
+            try:
+                row.target = _load_target(value, self.num_clip_tokens, self.gen_emb_dim or expected_dim)
+            except Exception as error:  # unreadable / truncated / pickled / mis-shaped / non-finite: one example lost
+                self._skip("bad_target", example, error)
+                return None
+        cached = example.get(self.features_column)
+        try:
+            if interleaved:
+                from .interleaved import segments_to_prompt
+
+                target = example.get("target_image")
+                row.image = _open_image(target) if target is not None else None
+                row.prompt = segments_to_prompt(example["segments"], _open_image)
+            elif cached is not None:
+                row.feature, row.text = torch.as_tensor(np.asarray(cached, dtype=np.float32)), text
+            else:
+                row.image, row.text = _open_image(example.get(self.image_column)), text
+        except Exception as error:
+            self._skip("bad_image", example, error)
+            return None
+        return row
+
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         require = self.require_targets
         if require is None:
             require = any(self._target_value(e) is not None for e in examples)
-        captions, images, features, targets = [], [], [], []
+        rows: list[_Row] = []
         for example in examples:
-            caption = example.get(self.caption_column)
-            if not isinstance(caption, str) or not caption.strip():
-                self._skip("bad_caption", example)
-                continue
-            target = None
-            if require:
-                value = self._target_value(example)
-                if value is None:
-                    self._skip("missing_target", example)
-                    continue
-                try:
-                    target = _load_target(value, self.num_clip_tokens, self.gen_emb_dim or (targets[0].shape[1] if targets else None))
-                except Exception as error:  # unreadable / truncated / pickled / mis-shaped / non-finite: one example lost
-                    self._skip("bad_target", example, error)
-                    continue
-            cached = example.get(self.features_column)
-            if cached is not None:
-                feature, image = torch.as_tensor(np.asarray(cached, dtype=np.float32)), None
-            else:
-                try:
-                    feature, image = None, _open_image(example.get(self.image_column))
-                except Exception as error:
-                    self._skip("bad_image", example, error)
-                    continue
-            captions.append(caption)
-            images.append(image)
-            features.append(feature)
-            targets.append(target)
-        if not captions:
+            row = self._row(example, require, rows[0].target.shape[1] if rows and rows[0].target is not None else None)
+            if row is not None:
+                rows.append(row)
+        if not rows:
             raise ValueError(f"Every example of this batch was skipped ({dict(self.skipped)} so far); check the data.")
-        if any(f is None for f in features) and any(f is not None for f in features):
-            raise ValueError(f"A batch mixes cached `{self.features_column}` with raw images; cache them for the whole dataset.")
-        cached = features[0] is not None
-        batch = self.processor.build_training_inputs(captions, None if cached else images, max_length=self.max_length)
+        captions = [r for r in rows if r.prompt is None]
+        interleaved = [r for r in rows if r.prompt is not None]
+        cached = [r.feature is not None for r in captions]
+        if any(cached) and (not all(cached) or interleaved):
+            raise ValueError(f"A batch mixes cached `{self.features_column}` with raw images (interleaved rows always "
+                             "carry raw images); cache the features of caption-only data.")
+        if not interleaved:  # caption training exactly as the reference builds it
+            return self._caption_batch(captions, require)
+        return self._mixed_batch(captions, interleaved, require)
+
+    def _caption_batch(self, rows: list[_Row], require: bool) -> dict[str, torch.Tensor]:
+        cached = rows[0].feature is not None
+        batch = self.processor.build_training_inputs([r.text for r in rows], None if cached else [r.image for r in rows],
+                                                     max_length=self.max_length)
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if cached:
-            out["image_features"] = torch.stack(features)
+            out["image_features"] = torch.stack([r.feature for r in rows])
         else:
             out["pixel_values"] = batch["pixel_values"]
         if require:
-            out["gen_targets"] = torch.stack(targets)
+            out["gen_targets"] = torch.stack([r.target for r in rows])
+        return out
+
+    def _mixed_batch(self, captions: list[_Row], interleaved: list[_Row], require: bool) -> dict[str, torch.Tensor]:
+        parts = []
+        if captions:
+            parts.append(self.processor.build_training_inputs([r.text for r in captions], max_length=self.max_length))
+        built = self.processor.build_interleaved_training_inputs([r.prompt for r in interleaved],
+                                                                 max_length=self.interleaved_max_length)
+        parts.append(built)
+        length = max(p["input_ids"].shape[1] for p in parts)
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.cat([F.pad(p["input_ids"], (0, length - p["input_ids"].shape[1]), value=pad) for p in parts])
+        attention_mask = torch.cat([F.pad(p["attention_mask"], (0, length - p["attention_mask"].shape[1])) for p in parts])
+        rows = captions + interleaved
+        paired = [r.image is not None for r in rows]
+        out = {"input_ids": input_ids, "attention_mask": attention_mask,
+               "interleaved": torch.tensor([False] * len(captions) + [True] * len(interleaved)), "paired": torch.tensor(paired)}
+        if any(paired):
+            stand_in = next(r.image for r in rows if r.image is not None)  # unpaired rows' slot, never read
+            images = [r.image if r.image is not None else stand_in for r in rows]
+            out["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if "context_pixel_values" in built:
+            out["context_pixel_values"] = built["context_pixel_values"]
+        if require:
+            out["gen_targets"] = torch.stack([r.target for r in rows])
         return out
 
 
@@ -240,6 +306,24 @@ def load_cc3m_dataset(tsv_path: str | os.PathLike, image_dir: str | os.PathLike,
     if not rows["caption"]:
         raise ValueError(f"{str(tsv_path)!r} has no usable rows (dropped {dict(missing)}).")
     return datasets.Dataset.from_dict(rows)
+
+
+def prepare_interleaved_dataset(dataset):
+    """An interleaved dataset (`gill_hf.interleaved` schema) for the collator: images undecoded, so
+    that a corrupt one costs its example."""
+    from .interleaved import interleaved_features
+
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and not {"segments", "target_caption"} <= set(columns):
+        raise ValueError(f"An interleaved dataset needs columns 'segments' and 'target_caption'; it has {columns}.")
+    features = getattr(dataset, "features", None)
+    if features is None:
+        return dataset
+    undecoded = interleaved_features(decode=False)
+    for name in ("segments", "target_image"):
+        if name in features and features[name] != undecoded[name]:
+            dataset = dataset.cast_column(name, undecoded[name])
+    return dataset
 
 
 def prepare_hf_dataset(dataset, image_column: str = "image", caption_column: str = "caption"):
@@ -356,8 +440,9 @@ def precompute_targets(output_dir: str | os.PathLike, sd_model: str, *, train_ts
                        split: str = "train", image_column: str = "image", caption_column: str = "caption",
                        batch_size: int = 128, model_name_or_path: str | None = None):
     """`gill-hf precompute-targets`: one data source (a CC3M-layout TSV + image folder, or a
-    `datasets` dataset) with the SD text-encoder targets of its captions (and, given a GILL
-    checkpoint, its cached vision features), saved with `save_to_disk`. Returns the dataset."""
+    `datasets` dataset) with the SD text-encoder targets of its captions (of an interleaved
+    dataset's `target_caption`s; and, given a GILL checkpoint, a caption dataset's cached vision
+    features), saved with `save_to_disk`. Returns the dataset."""
     from transformers import AutoTokenizer, CLIPTextModel
 
     if bool(train_tsv) == bool(dataset_name):
@@ -367,14 +452,17 @@ def precompute_targets(output_dir: str | os.PathLike, sd_model: str, *, train_ts
             raise ValueError("`--train_tsv` needs `--image_dir` (the folder of its images).")
         dataset = load_cc3m_dataset(train_tsv, image_dir, targets_dir=None)
     else:
-        dataset = prepare_hf_dataset(load_saved_or_hub_dataset(dataset_name, dataset_config_name, split),
-                                     image_column, caption_column)
+        dataset = load_saved_or_hub_dataset(dataset_name, dataset_config_name, split)
+        if "segments" in (dataset.column_names or []):  # interleaved examples: the target caption's encoding
+            dataset, caption_column = prepare_interleaved_dataset(dataset), "target_caption"
+        else:
+            dataset, caption_column = prepare_hf_dataset(dataset, image_column, caption_column), "caption"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # fp32 whatever the folder stores: SD folders ship fp16 text encoders, ~2x slower on a CPU.
     encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
-    dataset = precompute_gen_targets(dataset, encoder, tokenizer, batch_size=batch_size)
-    if model_name_or_path:
+    dataset = precompute_gen_targets(dataset, encoder, tokenizer, batch_size=batch_size, caption_column=caption_column)
+    if model_name_or_path and caption_column == "caption":
         from .modeling import GillForConditionalGeneration
         from .processing_gill import GillProcessor
 
@@ -419,5 +507,6 @@ __all__ = [
     "precompute_targets",
     "load_saved_or_hub_dataset",
     "prepare_hf_dataset",
+    "prepare_interleaved_dataset",
     "register_data_commands",
 ]

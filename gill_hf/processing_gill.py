@@ -275,6 +275,43 @@ class GillProcessor(ProcessorMixin):
             data["pixel_values"] = self._pixel_values(pil_images, return_tensors)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def build_interleaved_training_inputs(
+        self, prompts: list, max_length: int = 96, return_tensors: str | None = "pt"
+    ) -> BatchFeature:
+        r"""
+        Builds interleaved training rows: each prompt's segments in order (text tokenized alone, BOS
+        before the first text segment only; each image as `num_visual_tokens` `<|image|>`
+        placeholders), then the `[IMG0]..[IMG{n-1}]` block; right-padded to the longest row.
+
+        A prompt longer than `max_length` keeps its last tokens before the block: its earliest
+        context goes first (an image that does not fit whole goes whole), the block always stays.
+
+        Args:
+            prompts (`list[list[str | image]]`): one list of segments per example (the interleaved
+                prompt form of `__call__`).
+            max_length (`int`, *optional*, defaults to 96): longest row, block included.
+            return_tensors (`str`, *optional*, defaults to `"pt"`): tensor type of the outputs.
+
+        Returns:
+            [`BatchFeature`]: `input_ids`, `attention_mask` and, when any prompt holds an image,
+            `context_pixel_values` (every context image, in order of appearance, prompt by prompt).
+        """
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
+            raise ValueError("`prompts` must be a non-empty list with one list of segments per example.")
+        _check_positive_int("max_length", max_length, minimum=self.num_img_tokens + 1)
+        rows, images = [], []
+        for index, prompt in enumerate(prompts):
+            pieces = self._tokenize_prompt(self._interleaved_prompt(prompt, f"prompts[{index}]"))
+            room = max_length - self.num_img_tokens
+            if sum(len(ids) for ids, _ in pieces) > room:
+                pieces = self._truncate_left(pieces, room, index)
+            rows.append([token for ids, _ in pieces for token in ids] + self.img_token_ids)
+            images.extend(image for _, image in pieces if image is not None)
+        data = self._pad(rows, "right")
+        if images:
+            data["context_pixel_values"] = self._pixel_values(images, return_tensors)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         r"""
         Decodes one sequence, rendering each complete `[IMG0]..[IMG{n-1}]` block and each image's visual positions

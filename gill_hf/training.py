@@ -388,7 +388,17 @@ class GillDataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
     sd_model: str | None = field(default=None, metadata={"help": "SD folder/hub id whose text_encoder/tokenizer make missing targets."})
     target_batch_size: int = field(default=128, metadata={"help": "Batch size of the target precompute."})
-    cache_image_features: bool = field(default=False, metadata={"help": "Precompute the frozen vision features once (map-style data)."})
+    cache_image_features: bool = field(default=False, metadata={"help": "Precompute the frozen vision features once (map-style caption data)."})
+    interleaved_dataset_name: str | None = field(default=None, metadata={
+        "help": "Interleaved examples (gill_hf.interleaved schema: segments, target_caption, target_image), e.g. a folder "
+                "saved by `gill-hf precompute-targets`, mixed with the caption rows at --interleaved_ratio."})
+    interleaved_split: str = field(default="train", metadata={"help": "Split of --interleaved_dataset_name."})
+    interleaved_ratio: float = field(default=0.5, metadata={
+        "help": "Share of each epoch's rows that are interleaved: every caption row once, plus interleaved rows (cycled) "
+                "to make up this share."})
+    interleaved_max_length: int = field(default=96, metadata={"help": "Longest interleaved row, [IMG] block included "
+                                                                        "(the earliest context goes first)."})
+    max_interleaved_samples: int | None = field(default=None, metadata={"help": "Keep the first N interleaved examples."})
 
 
 def _load_model_and_processor(model_args: GillModelArguments):
@@ -453,6 +463,31 @@ def _prepare(dataset, data_args: GillDataArguments, model, processor):
     return dataset
 
 
+def _mix_interleaved(train, data_args: GillDataArguments):
+    """The caption rows and the interleaved rows in one dataset at `--interleaved_ratio`."""
+    from .data import load_saved_or_hub_dataset, precompute_gen_targets, prepare_interleaved_dataset
+    from .interleaved import MixedDataset
+
+    if data_args.streaming or data_args.cache_image_features:
+        raise ValueError("`--interleaved_dataset_name` mixes map-style rows with raw images: it cannot be combined with "
+                         "`--streaming` or `--cache_image_features`.")
+    interleaved = prepare_interleaved_dataset(load_saved_or_hub_dataset(data_args.interleaved_dataset_name, None,
+                                                                        data_args.interleaved_split))
+    if data_args.max_interleaved_samples is not None:
+        interleaved = interleaved.select(range(min(data_args.max_interleaved_samples, len(interleaved))))
+    if "gen_targets" not in interleaved.column_names:
+        if not data_args.sd_model:
+            raise ValueError(f"{data_args.interleaved_dataset_name!r} has no `gen_targets`: pass `--sd_model` (or run "
+                             "`gill-hf precompute-targets` on it) so its target captions have generation targets.")
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        encoder = CLIPTextModel.from_pretrained(data_args.sd_model, subfolder="text_encoder", dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(data_args.sd_model, subfolder="tokenizer")
+        interleaved = precompute_gen_targets(interleaved, encoder, tokenizer, data_args.target_batch_size,
+                                             caption_column="target_caption")
+    return MixedDataset(train, interleaved, data_args.interleaved_ratio)
+
+
 def train_from_argv(argv: list[str]) -> GillTrainer:
     """`gill-hf train ARGV`: GILL's model, data and every `TrainingArguments` flag through
     `HfArgumentParser`, or one JSON/YAML file holding them all."""
@@ -487,10 +522,13 @@ def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArgu
                              data_args.eval_split, data_args.max_eval_samples)
     train = _prepare(train, data_args, model, processor)
     evaluation = _prepare(evaluation, data_args, model, processor) if evaluation is not None else None
+    if data_args.interleaved_dataset_name:
+        train = _mix_interleaved(train, data_args)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # our push function, not Trainer's
     collator = GillDataCollator(processor, max_length=data_args.max_length, num_clip_tokens=model.config.num_clip_tokens,
-                                gen_emb_dim=model.config.gen_emb_dim, caption_column="caption", image_column="image")
+                                gen_emb_dim=model.config.gen_emb_dim, caption_column="caption", image_column="image",
+                                interleaved_max_length=data_args.interleaved_max_length)
     trainer = GillTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           data_collator=collator, processing_class=processor)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

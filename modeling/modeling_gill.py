@@ -27,18 +27,7 @@ from .checkpointing import ADAPTER_WEIGHTS_NAME, load_adapter_weights, looks_lik
 from .configuration_gill import GillConfig
 from .heads_gill import GillDecisionHead, GillMapper
 from .manifest import MANIFEST_NAME, load_consistently, read_manifest, save_folder, verify_folder
-from .training_passes import (
-    caption_piece,
-    causal_lm_loss,
-    draw_concat,
-    gather_across_processes,
-    img_block_starts,
-    mask_after_img0,
-    per_token_l2_distance,
-    stack_pass,
-    symmetric_info_nce,
-    text_piece,
-)
+from .training_passes import training_forward
 
 IMAGE_TOKEN = "<|image|>"
 
@@ -371,32 +360,54 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         cache: Any | None = None,
         use_cache: bool | None = None,
+        context_pixel_values: torch.FloatTensor | None = None,
+        context_image_features: torch.FloatTensor | None = None,
+        interleaved: torch.BoolTensor | None = None,
+        paired: torch.BoolTensor | None = None,
         **kwargs,
     ) -> GillOutput | GillCausalLMOutputWithPast:
         r"""
-        Two kinds of call share this entry point, as training and decoding share a model:
+        Two kinds of call share this entry point, as training and decoding share a model.
 
-        - **training** (the default): `input_ids` are `[BOS caption [IMG0..7] pad]` rows (right padded,
-          from `GillProcessor.build_training_inputs`), with the rows' images as `pixel_values` (or
-          precomputed `image_features`) and optionally `gen_targets` `(batch, num_clip_tokens,
-          gen_emb_dim)`. Builds the captioning pass and the text pass and returns [`GillOutput`].
-          `concat_captions`: `True` always applies the reference's two-caption concatenation,
-          a float in (0, 1) draws it per pass with that probability (torch's RNG).
-        - **decoding**: when a `cache`, `inputs_embeds` or `use_cache=True` is given, or `input_ids`
-          holds `<|image|>` placeholders (prompts from `GillProcessor`; training rows never do).
-          Placeholders are replaced by the visual prefix of `pixel_values` and the LM runs once;
-          returns [`GillCausalLMOutputWithPast`]. This is what `generate()` calls.
+        **Which kind.** A call is a decoding call when a `cache`, `inputs_embeds` or `use_cache=True`
+        is given; otherwise it is a training call when it carries a training input (`gen_targets`,
+        `interleaved`, `paired`, `context_pixel_values` / `context_image_features`) whatever
+        placeholders its rows hold, and a decoding call when its `input_ids` hold `<|image|>`
+        placeholders (a prompt from `GillProcessor`); anything else is a training call.
+
+        - **training**: `input_ids` are right-padded rows ending in the `[IMG0..7]` block. A caption
+          row is `[BOS caption [IMG0..7] pad]` (`GillProcessor.build_training_inputs`); an
+          interleaved row (`GillProcessor.build_interleaved_training_inputs`, flagged in
+          `interleaved`) holds its context images as `<|image|>` runs, filled with the visual prefixes
+          of `context_pixel_values` (or `context_image_features`) in row-major order. `pixel_values`
+          (or `image_features`) hold one paired image per row: the caption's image, or the image an
+          interleaved example produces (its contrastive pair); `paired` marks rows whose entry is a
+          real image (default: all). `gen_targets` `(batch, num_clip_tokens, gen_emb_dim)` are the
+          decoder's encodings of each row's caption / target caption. The captioning pass runs over
+          the paired caption rows; one text pass runs over every row, its CE covering the text (after
+          an interleaved row's last image) and `[IMG0]`. Returns [`GillOutput`].
+          `concat_captions`: `True` always applies the reference's two-caption concatenation, a float
+          in (0, 1) draws it per pass with that probability (torch's RNG); batches holding
+          interleaved rows are never concatenated.
+        - **decoding**: placeholders are replaced by the visual prefix of `pixel_values` and the LM
+          runs once; returns [`GillCausalLMOutputWithPast`]. This is what `generate()` calls.
         """
-        if self._is_decoding_call(input_ids, inputs_embeds, cache, use_cache):
+        training_inputs = (gen_targets, interleaved, paired, context_pixel_values, context_image_features)
+        if self._is_decoding_call(input_ids, inputs_embeds, cache, use_cache, training_inputs):
             return self._decoding_forward(
                 input_ids, pixel_values, image_features, attention_mask, inputs_embeds, cache, use_cache, **kwargs
             )
         if kwargs.get("labels") is not None:
             raise ValueError("`labels` are built by the model from `input_ids`; do not pass them.")
-        return self._training_forward(input_ids, pixel_values, image_features, gen_targets, concat_captions)
+        return training_forward(self, input_ids, pixel_values, image_features, gen_targets, concat_captions,
+                                context_pixel_values, context_image_features, interleaved, paired)
 
-    def _is_decoding_call(self, input_ids, inputs_embeds, cache, use_cache) -> bool:
-        return cache is not None or inputs_embeds is not None or bool(use_cache) or self._holds_image_token(input_ids)
+    def _is_decoding_call(self, input_ids, inputs_embeds, cache, use_cache, training_inputs=()) -> bool:
+        if cache is not None or inputs_embeds is not None or bool(use_cache):
+            return True
+        if any(value is not None for value in training_inputs):
+            return False
+        return self._holds_image_token(input_ids)
 
     def embed_prompt(self, input_ids: torch.LongTensor, pixel_values=None, image_features=None) -> torch.Tensor:
         """Embeds prompt ids, replacing each run of `num_visual_tokens` `<|image|>` placeholders
@@ -454,60 +465,6 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         )
 
     # ----- training forward --------------------------------------------------------------------
-
-    def _training_forward(self, input_ids, pixel_values, image_features, gen_targets, concat_captions) -> GillOutput:
-        if input_ids is None or input_ids.ndim != 2 or input_ids.shape[0] == 0:
-            raise ValueError("`input_ids` must be a non-empty (batch, length) tensor of training rows.")
-        batch, n_img = input_ids.shape[0], self.config.num_img_tokens
-        starts = img_block_starts(input_ids, self.config.img_token_ids)
-        bos_token_id = self.config.text_config.bos_token_id
-        has_images = pixel_values is not None or image_features is not None
-        features = self._image_features(pixel_values, image_features) if has_images else None
-        if features is not None and features.shape[0] != batch:
-            raise ValueError(f"Got {features.shape[0]} images for {batch} `input_ids` rows.")
-        if gen_targets is not None and gen_targets.shape != (batch, self.config.num_clip_tokens, self.config.gen_emb_dim):
-            raise ValueError(
-                f"`gen_targets` must be ({batch}, {self.config.num_clip_tokens}, {self.config.gen_emb_dim}), got {tuple(gen_targets.shape)}."
-            )
-        token_embeds = self.embed_tokens(input_ids)
-        out = GillOutput()
-
-        if features is not None:
-            prefix = self.get_visual_prefix(image_features=features).to(token_embeds.dtype)
-            pieces = [caption_piece(prefix[i], token_embeds[i], input_ids[i], starts[i]) for i in range(batch)]
-            embeds, labels, _ = stack_pass(pieces, draw_concat(concat_captions), bos_token_id)
-            outputs, _ = self._run_lm(embeds)
-            out.caption_logits = self.compute_logits(outputs.hidden_states[-1], outputs.logits)
-            out.caption_labels = labels
-            out.caption_loss = causal_lm_loss(out.caption_logits, labels)
-
-        pieces = [text_piece(token_embeds[i], input_ids[i], starts[i], n_img) for i in range(batch)]
-        embeds, labels, block_positions = stack_pass(pieces, draw_concat(concat_captions), bos_token_id)
-        outputs, emb_layer_states = self._run_lm(embeds)
-        out.text_logits = self.compute_logits(outputs.hidden_states[-1], outputs.logits)
-        out.text_labels = mask_after_img0(labels, self.img_token_ids[1:])
-        out.text_loss = causal_lm_loss(out.text_logits, out.text_labels)
-        out.img_hidden_states = torch.stack(
-            [emb_layer_states[row, pos : pos + n_img] for row, pos in block_positions]
-        )
-        if features is not None:
-            out.text_embeds = self.get_text_retrieval_embeds(out.img_hidden_states)
-            out.image_embeds = self.get_image_retrieval_embeds(image_features=features)
-            image_side, text_side = gather_across_processes(out.image_embeds), gather_across_processes(out.text_embeds)
-            out.logits_per_image = self.logit_scale.exp() * image_side @ text_side.T
-            out.contrastive_loss = symmetric_info_nce(out.logits_per_image)
-        if gen_targets is not None:
-            out.prompt_embeds = self.get_prompt_embeds(out.img_hidden_states)
-            out.gen_loss = per_token_l2_distance(out.prompt_embeds, gen_targets)
-
-        scaled = [
-            (out.caption_loss, self.config.caption_loss_scale),
-            (out.text_loss, self.config.text_loss_scale),
-            (out.contrastive_loss, self.config.contrastive_loss_scale),
-            (out.gen_loss, self.config.gen_loss_scale),
-        ]
-        out.loss = sum(value * scale for value, scale in scaled if value is not None)
-        return out
 
     # ----- generation --------------------------------------------------------------------------
 

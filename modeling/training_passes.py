@@ -49,13 +49,26 @@ def caption_piece(prefix: torch.Tensor, token_embeds: torch.Tensor, ids: torch.L
     return torch.cat([prefix, token_embeds]), labels, n_vis + start, n_vis, None
 
 
-def text_piece(token_embeds: torch.Tensor, ids: torch.LongTensor, start: int, num_img_tokens: int) -> Piece:
-    """Text pass row: `[BOS caption [IMG0..7] | pads]`; labels cover everything before the pads
-    (`mask_after_img0` then keeps caption + `[IMG0]`)."""
+def text_piece(token_embeds: torch.Tensor, ids: torch.LongTensor, start: int, num_img_tokens: int, first_label: int = 0) -> Piece:
+    """Text pass row: `[BOS caption [IMG0..7] | pads]`; labels cover everything from `first_label`
+    (0; for an interleaved row, the position after its last image) to the pads (`mask_after_img0`
+    then keeps the text + `[IMG0]`)."""
     body = start + num_img_tokens
     labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long, device=ids.device)
-    labels[:body] = ids[:body]
+    labels[first_label:body] = ids[first_label:body]
     return token_embeds, labels, body, 0, start
+
+
+def text_label_starts(input_ids: torch.LongTensor, image_token_id: int | None) -> list[int]:
+    """Per row, where the text CE starts: after the row's last `<|image|>` placeholder (an
+    interleaved row is captioned from its last image on, as the captioning pass does), else 0."""
+    if image_token_id is None:
+        return [0] * input_ids.shape[0]
+    starts = []
+    for ids in input_ids.tolist():
+        last = max((i for i, token in enumerate(ids) if token == image_token_id), default=-1)
+        starts.append(last + 1)
+    return starts
 
 
 def stack_pass(pieces: list[Piece], concat: bool, bos_token_id: int | None):
@@ -79,6 +92,86 @@ def stack_pass(pieces: list[Piece], concat: bool, bos_token_id: int | None):
         if blk1 is not None:
             blocks += [(pair, blk1), (pair, body1 + blk2 - (drop - bos2))]
     return torch.stack(rows_embeds), torch.stack(rows_labels), blocks
+
+
+def training_forward(model, input_ids, pixel_values=None, image_features=None, gen_targets=None, concat_captions=False,
+                     context_pixel_values=None, context_image_features=None, interleaved=None, paired=None):
+    """GILL's training forward (see `GillForConditionalGeneration.forward`): the captioning pass over
+    caption rows, one text pass over every row, and the four losses. Returns a `GillOutput`."""
+    from .modeling_gill import GillOutput
+
+    if input_ids is None or input_ids.ndim != 2 or input_ids.shape[0] == 0:
+        raise ValueError("`input_ids` must be a non-empty (batch, length) tensor of training rows.")
+    config = model.config
+    batch, n_img = input_ids.shape[0], config.num_img_tokens
+    interleaved = _row_mask(interleaved, batch, "interleaved", input_ids.device, default=False)
+    starts = img_block_starts(input_ids, config.img_token_ids)
+    bos_token_id = config.text_config.bos_token_id
+    has_images = pixel_values is not None or image_features is not None
+    paired = _row_mask(paired, batch, "paired", input_ids.device, default=has_images)
+    if paired.any() and not has_images:
+        raise ValueError("`paired` marks rows with an image but no `pixel_values` / `image_features` were given.")
+    features = model._image_features(pixel_values, image_features) if has_images else None
+    if features is not None and features.shape[0] != batch:
+        raise ValueError(f"Got {features.shape[0]} images for {batch} `input_ids` rows (one paired image per row).")
+    if gen_targets is not None and gen_targets.shape != (batch, config.num_clip_tokens, config.gen_emb_dim):
+        raise ValueError(
+            f"`gen_targets` must be ({batch}, {config.num_clip_tokens}, {config.gen_emb_dim}), got {tuple(gen_targets.shape)}."
+        )
+    has_context = bool((input_ids == config.image_token_id).any()) if config.image_token_id is not None else False
+    if has_context and not interleaved[(input_ids == config.image_token_id).any(-1)].all():
+        raise ValueError("Rows with `<|image|>` placeholders are interleaved examples: mark them in `interleaved`.")
+    token_embeds = model.embed_prompt(input_ids, context_pixel_values, context_image_features)
+    out = GillOutput()
+    # The reference's two-caption concatenation pairs caption rows; a batch with interleaved rows is not concatenated.
+    concat_allowed = not bool(interleaved.any())
+
+    captioned = [i for i in range(batch) if paired[i] and not interleaved[i]]
+    if features is not None and captioned:
+        prefix = model.get_visual_prefix(image_features=features[captioned]).to(token_embeds.dtype)
+        pieces = [caption_piece(prefix[j], token_embeds[i], input_ids[i], starts[i]) for j, i in enumerate(captioned)]
+        embeds, labels, _ = stack_pass(pieces, concat_allowed and draw_concat(concat_captions), bos_token_id)
+        outputs, _ = model._run_lm(embeds)
+        out.caption_logits = model.compute_logits(outputs.hidden_states[-1], outputs.logits)
+        out.caption_labels = labels
+        out.caption_loss = causal_lm_loss(out.caption_logits, labels)
+
+    first_labels = text_label_starts(input_ids, config.image_token_id)
+    pieces = [text_piece(token_embeds[i], input_ids[i], starts[i], n_img, first_labels[i]) for i in range(batch)]
+    embeds, labels, block_positions = stack_pass(pieces, concat_allowed and draw_concat(concat_captions), bos_token_id)
+    outputs, emb_layer_states = model._run_lm(embeds)
+    out.text_logits = model.compute_logits(outputs.hidden_states[-1], outputs.logits)
+    out.text_labels = mask_after_img0(labels, model.img_token_ids[1:])
+    out.text_loss = causal_lm_loss(out.text_logits, out.text_labels)
+    out.img_hidden_states = torch.stack([emb_layer_states[row, pos : pos + n_img] for row, pos in block_positions])
+    if features is not None and paired.any():
+        rows = paired.nonzero().squeeze(1)
+        out.text_embeds = model.get_text_retrieval_embeds(out.img_hidden_states[rows])
+        out.image_embeds = model.get_image_retrieval_embeds(image_features=features[rows])
+        image_side, text_side = gather_across_processes(out.image_embeds), gather_across_processes(out.text_embeds)
+        out.logits_per_image = model.logit_scale.exp() * image_side @ text_side.T
+        out.contrastive_loss = symmetric_info_nce(out.logits_per_image)
+    if gen_targets is not None:
+        out.prompt_embeds = model.get_prompt_embeds(out.img_hidden_states)
+        out.gen_loss = per_token_l2_distance(out.prompt_embeds, gen_targets)
+
+    scaled = [
+        (out.caption_loss, config.caption_loss_scale),
+        (out.text_loss, config.text_loss_scale),
+        (out.contrastive_loss, config.contrastive_loss_scale),
+        (out.gen_loss, config.gen_loss_scale),
+    ]
+    out.loss = sum(value * scale for value, scale in scaled if value is not None)
+    return out
+
+
+def _row_mask(mask, batch: int, name: str, device, default: bool) -> torch.Tensor:
+    if mask is None:
+        return torch.full((batch,), default, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(mask, device=device)
+    if mask.shape != (batch,):
+        raise ValueError(f"`{name}` must be a ({batch},) bool tensor, one flag per row, got shape {tuple(mask.shape)}.")
+    return mask.bool()
 
 
 def mask_after_img0(labels: torch.LongTensor, later_img_ids: torch.LongTensor) -> torch.LongTensor:

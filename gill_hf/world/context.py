@@ -1,0 +1,286 @@
+"""Context-dependent world examples with exact labels: the final scene depends on earlier sentences,
+earlier images or the dialogue so far (DESIGN.md section 11, in the world's own vocabulary).
+
+Kinds (every final scene is one object; its attributes are exact):
+
+- stories (text only): `recolour`, `resize`, `move`, `reshape` ("it" changes), `other-one` (two
+  objects, one leaves: draw the other one), `distractor` (a named object to forget), `closing` (a
+  change, then a sentence that adds nothing), `two-step` (two changes; only in `context_test`);
+- image + edit instruction: `edit-colour`, `edit-shape`, `edit-size`, `edit-position`;
+- two images: `combine` (the first object in the colour of the second);
+- `dialogue`: a chat (the LM's own template) whose last user turn edits the scene shown earlier.
+
+Splits: `train` and `validation` share the training phrasings; `context_test` uses phrasings never
+seen in training (and the kind `two-step`). No split uses the world's held-out shape/colour pairs,
+so `context_test` tests context, not composition (the world's `heldout` split does that).
+
+Example `i` of a split is drawn from its own RNG seeded by "context/seed/split/i". Each row holds the
+interleaved schema (`segments`, `target_caption`, `target_image`) plus `kind`, the final object's
+`shape` / `colour` / `size` / `position`, `context_text` (the text segments, plain) and
+`captioned_text` (the same with each image replaced by its exact caption): the references of
+eval-world's text-only baselines.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import replace
+
+from .render import (COLOUR_NAMES, CORNERS, HELDOUT_PAIRS, POSITION_PHRASES, POSITIONS, SHAPES, SIZE_WORDS, SIZES,
+                     BACKGROUND_NAMES, Scene, WorldObject, render_scene)
+
+SPLITS = ("train", "validation", "context_test")
+STORY_KINDS = ("recolour", "resize", "move", "reshape", "other-one", "distractor", "closing")
+IMAGE_KINDS = ("edit-colour", "edit-shape", "edit-size", "edit-position", "combine", "dialogue")
+TEST_ONLY_KINDS = ("two-step",)
+TRAIN_KINDS = STORY_KINDS + IMAGE_KINDS
+TEST_KINDS = STORY_KINDS + TEST_ONLY_KINDS + IMAGE_KINDS
+
+MOVE_PHRASES = {
+    "center": ("to the center", "to the middle"),
+    "top left": ("to the top left corner", "to the upper left"),
+    "top right": ("to the top right corner", "to the upper right"),
+    "bottom left": ("to the bottom left corner", "to the lower left"),
+    "bottom right": ("to the bottom right corner", "to the lower right"),
+}
+
+# Phrasings: (training, test). A test phrasing never occurs in `train` or `validation`.
+PHRASES = {
+    "intro": (("{NP} sits {pos}.", "There is {np} {pos}.", "{NP} is {pos}."),
+              ("{Pos} you can see {np}.", "Picture {np} {pos}.")),
+    "recolour": (("Then it turns {colour}.", "It becomes {colour}.", "Someone paints it {colour}."),
+                 ("Afterwards its colour is {colour}.", "Its colour changes to {colour}.")),
+    "resize": (("Then it becomes {size}.", "It gets {comparative}.", "Now it is {size}."),
+               ("Afterwards it is {size}.", "Someone makes it {comparative}.")),
+    "move": (("Then it moves {move}.", "It slides {move}.", "Someone pushes it {move}."),
+             ("Afterwards it is {pos}.", "Later it travels {move}.")),
+    "reshape": (("Then it turns into {a_shape}.", "It becomes {a_shape}.", "Someone reshapes it into {a_shape}."),
+                ("Afterwards it is {a_shape}.", "Its shape changes to {a_shape}.")),
+    "pair": (("There is {np1} {pos1} and {np2} {pos2}.", "{NP1} sits {pos1}, {np2} {pos2}."),
+             ("{Pos1} you can see {np1}, and {pos2} {np2}.",)),
+    "leave": (("The {shape1} goes away. Show the other one.", "The {colour1} one leaves; only the other one stays."),
+              ("Remove the {shape1}; the other one remains.",)),
+    "distractor": (("Forget {np_d}. {NP} sits {pos}.", "Not {np_d}, but {np} {pos}."),
+                   ("Ignore {np_d}. Picture {np} {pos}.", "{NP_d} was there yesterday. Today there is only {np} {pos}.")),
+    "closing": (("That is all.", "Nothing else happens."), ("The end.", "It stays like that.")),
+    "edit-colour": (("The same shape, but {colour}.", "Make it {colour}."),
+                    ("Keep everything, but paint it {colour}.", "Now show it in {colour}.")),
+    "edit-shape": (("The same colour, but {a_shape}.", "Make it {a_shape}."),
+                   ("Turn it into {a_shape}.", "Keep the colour, change it to {a_shape}.")),
+    "edit-size": (("Make it {comparative}.", "The same, but {size}."),
+                  ("Now draw it {size}.", "Change only its size: {size}.")),
+    "edit-position": (("Move it {move}.", "The same, but {pos}."),
+                      ("Put it {pos} instead.", "Shift it {move}.")),
+    "combine": (("The shape of the first in the colour of the second.", "Draw the first one in the colour of the second."),
+                ("Use the colour of the second picture for the first shape.",)),
+    "dialogue_open": (("Draw {np} {pos}.", "Show me {np} {pos}."), ("Could you draw {np} {pos}?",)),
+    "dialogue_question": (("What is in this picture?", "Describe this image."), ("What do you see here?",)),
+}
+DIALOGUE_EDITS = (  # per edited attribute: (training phrasing, test phrasing)
+    {"colour": "Now make it {colour}.", "size": "Make it {comparative}.", "position": "Now move it {move}."},
+    {"colour": "Can you change its colour to {colour}?", "size": "Could you make it {comparative}?",
+     "position": "Could you move it {move}?"},
+)
+
+
+def _article(phrase: str) -> str:
+    return "an" if phrase[0] in "aeiou" else "a"
+
+
+def _np(rng: random.Random, o: WorldObject) -> str:
+    phrase = f"{rng.choice(SIZE_WORDS[o.size])} {o.colour} {o.shape}"
+    return f"{_article(phrase)} {phrase}"
+
+
+def exact_caption(o: WorldObject) -> str:
+    """The canonical caption of a single-object scene (the generation target and the oracle's prompt)."""
+    phrase = f"{o.size} {o.colour} {o.shape}"
+    return f"{_article(phrase)} {phrase} {POSITION_PHRASES[o.position][0]}"
+
+
+def _object(rng: random.Random, position: str | None = None, **fixed) -> WorldObject:
+    """A random object (jittered like the world's scenes) that is no held-out shape/colour pair."""
+    while True:
+        o = WorldObject(shape=fixed.get("shape", rng.choice(SHAPES)), colour=fixed.get("colour", rng.choice(COLOUR_NAMES)),
+                        size=fixed.get("size", rng.choice(SIZES)), position=position or rng.choice(POSITIONS),
+                        dx=rng.uniform(-0.75, 0.75), dy=rng.uniform(-0.75, 0.75), scale=rng.uniform(0.94, 1.06))
+        if (o.shape, o.colour) not in HELDOUT_PAIRS:
+            return o
+
+
+def _changed(rng: random.Random, o: WorldObject, attribute: str) -> WorldObject:
+    """`o` with a different value of `attribute` (never a held-out pair)."""
+    vocab = {"colour": COLOUR_NAMES, "shape": SHAPES, "size": SIZES, "position": POSITIONS}[attribute]
+    while True:
+        value = rng.choice([v for v in vocab if v != getattr(o, attribute)])
+        new = replace(o, **{attribute: value})
+        if (new.shape, new.colour) not in HELDOUT_PAIRS:
+            return new
+
+
+def _words(rng: random.Random, o: WorldObject, before: WorldObject | None = None) -> dict:
+    """Template slots describing `o` (and, for size changes, the comparative from `before`)."""
+    pos = rng.choice(POSITION_PHRASES[o.position])
+    comparative = "bigger" if before is not None and o.size == "large" and before.size == "small" else "smaller"
+    return {"np": _np(rng, o), "NP": _np(rng, o).capitalize(), "pos": pos, "Pos": pos.capitalize(), "colour": o.colour,
+            "size": rng.choice(SIZE_WORDS[o.size]), "comparative": comparative, "move": rng.choice(MOVE_PHRASES[o.position]),
+            "a_shape": f"{_article(o.shape)} {o.shape}", "shape": o.shape}
+
+
+def _phrase(rng: random.Random, key: str, test: bool, **slots) -> str:
+    return rng.choice(PHRASES[key][1 if test else 0]).format(**slots)
+
+
+def _single_change(rng, test, kind) -> tuple[list, WorldObject]:
+    attribute = {"recolour": "colour", "resize": "size", "move": "position", "reshape": "shape"}[kind]
+    start = _object(rng)
+    final = _changed(rng, start, attribute)
+    text = _phrase(rng, "intro", test, **_words(rng, start)) + " " + _phrase(rng, kind, test, **_words(rng, final, start))
+    return [("text", text)], final
+
+
+def _story(rng: random.Random, kind: str, test: bool) -> tuple[list, WorldObject]:
+    if kind in ("recolour", "resize", "move", "reshape"):
+        return _single_change(rng, test, kind)
+    if kind == "closing":
+        segments, final = _single_change(rng, test, rng.choice(("recolour", "resize", "move", "reshape")))
+        return [("text", segments[0][1] + " " + _phrase(rng, "closing", test))], final
+    if kind == "two-step":
+        start = _object(rng)
+        middle = _changed(rng, start, rng.choice(("colour", "size", "shape")))
+        last_attribute = rng.choice(("position", "colour")) if middle.colour == start.colour else "position"
+        final = _changed(rng, middle, last_attribute)
+        first = _phrase(rng, "intro", test, **_words(rng, start))
+        kind_of = {"colour": "recolour", "size": "resize", "shape": "reshape"}
+        changed = next(a for a in ("colour", "size", "shape") if getattr(middle, a) != getattr(start, a))
+        second = _phrase(rng, kind_of[changed], test, **_words(rng, middle, start))
+        third = (_phrase(rng, "move", test, **_words(rng, final)) if last_attribute == "position"
+                 else _phrase(rng, "recolour", test, **_words(rng, final)))
+        return [("text", f"{first} {second} {third}")], final
+    if kind == "other-one":
+        first_pos, second_pos = rng.sample(CORNERS, 2)
+        leaving = _object(rng, first_pos)
+        staying = _object(rng, second_pos)
+        while staying.shape == leaving.shape or staying.colour == leaving.colour:
+            staying = _object(rng, second_pos)
+        a, b = (leaving, staying) if rng.random() < 0.5 else (staying, leaving)
+        wa, wb = _words(rng, a), _words(rng, b)
+        pair = _phrase(rng, "pair", test, np1=wa["np"], NP1=wa["NP"], pos1=wa["pos"], Pos1=wa["Pos"],
+                       np2=wb["np"], pos2=wb["pos"])
+        leave = _phrase(rng, "leave", test, shape1=leaving.shape, colour1=leaving.colour)
+        return [("text", f"{pair} {leave}")], staying
+    if kind == "distractor":
+        final = _object(rng)
+        other = _object(rng)
+        while other.shape == final.shape:
+            other = _object(rng)
+        slots = _words(rng, final)
+        text = _phrase(rng, "distractor", test, np_d=_np(rng, other), NP_d=_np(rng, other).capitalize(), **slots)
+        return [("text", text)], final
+    raise ValueError(f"unknown story kind {kind!r}")
+
+
+def _image_kind(rng: random.Random, kind: str, test: bool) -> tuple[list, WorldObject, list[Scene]]:
+    background = rng.choice(BACKGROUND_NAMES)
+    source = _object(rng)
+    scene = Scene(background, (source,))
+    if kind.startswith("edit-"):
+        attribute = {"edit-colour": "colour", "edit-shape": "shape", "edit-size": "size", "edit-position": "position"}[kind]
+        final = _changed(rng, source, attribute)
+        return [("image", scene), ("text", _phrase(rng, kind, test, **_words(rng, final, source)))], final, [scene]
+    if kind == "combine":
+        donor = _object(rng)
+        while donor.colour == source.colour or (source.shape, donor.colour) in HELDOUT_PAIRS:
+            donor = _object(rng)
+        second = Scene(rng.choice(BACKGROUND_NAMES), (donor,))
+        final = replace(source, colour=donor.colour)
+        return [("image", scene), ("image", second), ("text", _phrase(rng, "combine", test))], final, [scene, second]
+    raise ValueError(f"unknown image kind {kind!r}")
+
+
+def _dialogue(rng: random.Random, test: bool) -> tuple[list, WorldObject, list[Scene]]:
+    """Chat messages (`role`, `content` items of type text / image), the last user turn an edit."""
+    source = _object(rng)
+    scene = Scene(rng.choice(BACKGROUND_NAMES), (source,))
+    attribute = rng.choice(("colour", "size", "position"))
+    final = _changed(rng, source, attribute)
+    edit = DIALOGUE_EDITS[1 if test else 0][attribute].format(**_words(rng, final, source))
+    if rng.random() < 0.5:  # the user asks for a picture, the assistant shows one
+        messages = [{"role": "user", "content": [{"type": "text", "text": _phrase(rng, "dialogue_open", test, **_words(rng, source))}]},
+                    {"role": "assistant", "content": [{"type": "image"}]}]
+    else:  # the user shows a picture, the assistant describes it
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _phrase(rng, "dialogue_question", test)}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": exact_caption(source).capitalize() + "."}]}]
+    messages.append({"role": "user", "content": [{"type": "text", "text": edit}]})
+    return messages, final, [scene]
+
+
+def sample_context_example(seed: int, split: str, index: int) -> dict:
+    """One example as plain Python: `kind`, `segments` (`("text", str)` / `("image", Scene)`, or
+    for dialogues `messages`), `final` (the target object) and `scenes` (the input images)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    test = split == "context_test"
+    kinds = TEST_KINDS if test else TRAIN_KINDS
+    kind = kinds[index % len(kinds)]
+    rng = random.Random(f"context/{seed}/{split}/{index}")
+    example = {"kind": kind, "segments": None, "messages": None, "scenes": []}
+    if kind in STORY_KINDS + TEST_ONLY_KINDS:
+        example["segments"], example["final"] = _story(rng, kind, test)
+    elif kind == "dialogue":
+        example["messages"], example["final"], example["scenes"] = _dialogue(rng, test)
+    else:
+        example["segments"], example["final"], example["scenes"] = _image_kind(rng, kind, test)
+    background = example["scenes"][0].background if example["scenes"] else rng.choice(BACKGROUND_NAMES)
+    example["target_scene"] = Scene(background, (example["final"],))
+    return example
+
+
+def _png(scene: Scene) -> dict:
+    buffer = io.BytesIO()
+    render_scene(scene).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def to_row(example: dict, chat_template_tokenizer=None) -> dict:
+    """The example in the interleaved schema (dialogues rendered with `chat_template_tokenizer`'s
+    chat template), plus its exact labels and the text-only baselines' prompts."""
+    from ..interleaved import chat_segments, image_segment, interleaved_example, text_segment
+
+    if example["messages"] is not None:
+        if chat_template_tokenizer is None:
+            raise ValueError("A dialogue example needs the LM's tokenizer to render its chat template.")
+        segments = chat_segments(example["messages"], chat_template_tokenizer, [_png(scene) for scene in example["scenes"]])
+        items = [item for message in example["messages"] for item in message["content"]]
+        scenes = iter(example["scenes"])
+        context_text = " ".join(item["text"] for item in items if item["type"] == "text")
+        captioned = " ".join(item["text"] if item["type"] == "text" else exact_caption(next(scenes).objects[0]).capitalize() + "."
+                             for item in items)
+    else:
+        segments = [text_segment(value) if kind == "text" else image_segment(_png(value)) for kind, value in example["segments"]]
+        context_text = " ".join(value for kind, value in example["segments"] if kind == "text")
+        captioned = " ".join(value if kind == "text" else exact_caption(value.objects[0]).capitalize() + "."
+                             for kind, value in example["segments"])
+    final = example["final"]
+    row = interleaved_example(segments, exact_caption(final), _png(example["target_scene"]))
+    row.update(kind=example["kind"], shape=final.shape, colour=final.colour, size=final.size, position=final.position,
+               context_text=context_text, captioned_text=captioned)
+    return row
+
+
+def generate_context_dataset(n: int, split: str = "train", seed: int = 0, chat_template_tokenizer=None, start: int = 0):
+    """`n` examples of a split as a `datasets.Dataset` (the interleaved schema + labels)."""
+    import datasets
+
+    from ..interleaved import interleaved_features
+
+    features = interleaved_features()
+    for name in ("kind", "shape", "colour", "size", "position", "context_text", "captioned_text"):
+        features[name] = datasets.Value("string")
+    rows = [to_row(sample_context_example(seed, split, start + i), chat_template_tokenizer) for i in range(n)]
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+__all__ = ["IMAGE_KINDS", "SPLITS", "STORY_KINDS", "TEST_KINDS", "TEST_ONLY_KINDS", "TRAIN_KINDS", "exact_caption",
+           "generate_context_dataset", "sample_context_example", "to_row"]
