@@ -2,11 +2,11 @@
 
 Rows (each on its own seeded stream, never a training stream):
 - text -> image: single-object captions; GILL-tiny vs the world SD given the same caption;
-- contextual generation (the paper's claim): multi-sentence stories whose final scene depends on
-  earlier sentences (a colour / size / position change of "it", "the same shape" references, a
-  distractor to forget), GILL-tiny vs the world SD given the same concatenated text; and
-  interleaved image + text contexts ("[image] The same shape, but <colour>."), where the world SD
-  only gets the text;
+- contextual generation (the paper's claim), on the world's `context_test` split (`world.context`,
+  phrasings never seen in training): `stories` (the final scene depends on earlier sentences) and
+  `image+text` (image edits, two-image combinations, dialogue follow-ups), each beside the world SD
+  on the concatenated text, on the text with exact captions of the input images, and the oracle
+  (`world.eval_context`);
 - image -> text: colour and shape named in GILL-tiny's caption;
 - retrieval: text -> image top-1 over the retrieval set (1,000 world images GILL-tiny never
   trained on) whose attributes all match the query's scene;
@@ -17,59 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .render import COLOUR_NAMES, POSITION_PHRASES, POSITIONS, SHAPES, SIZE_WORDS, SIZES
+from .eval_context import context_rows
 from .scoring import caption_check, read_single_objects, score_readings
 
 EVAL_SEED_BASE = 70_000
 ROW_GROUPS = ("text-to-image", "stories", "image+text", "image-to-text", "retrieval", "decision")
-
-
-def _article(phrase: str) -> str:
-    return "an" if phrase[0] in "aeiou" else "a"
-
-
-def _np(rng, shape, colour, size) -> str:
-    phrase = f"{rng.choice(SIZE_WORDS[size])} {colour} {shape}"
-    return f"{_article(phrase)} {phrase}"
-
-
-def make_stories(n: int, seed: int = 0) -> list[tuple[str, dict, str]]:
-    """n (story, final single-object attributes, kind), kinds cycling through colour / size /
-    position changes, a same-shape reference and a distractor."""
-    rng = random.Random(f"stories/{seed}")
-    kinds = ("colour", "size", "position", "same-shape", "distractor")
-    out = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        shape, colour, size, pos = rng.choice(SHAPES), rng.choice(COLOUR_NAMES), rng.choice(SIZES), rng.choice(POSITIONS)
-        first = f"{_np(rng, shape, colour, size).capitalize()} sits {rng.choice(POSITION_PHRASES[pos])}."
-        final = {"shape": shape, "colour": colour, "size": size, "position": pos}
-        if kind == "colour":
-            new = rng.choice([c for c in COLOUR_NAMES if c != colour])
-            text, final["colour"] = f"{first} Then it turns {new}.", new
-        elif kind == "size":
-            new = "large" if size == "small" else "small"
-            text, final["size"] = f"{first} Then it becomes {rng.choice(SIZE_WORDS[new])}.", new
-        elif kind == "position":
-            new = rng.choice([p for p in POSITIONS if p != pos])
-            text, final["position"] = f"{first} Then it moves {rng.choice(POSITION_PHRASES[new])}.", new
-        elif kind == "same-shape":
-            new_colour, new_pos = rng.choice([c for c in COLOUR_NAMES if c != colour]), rng.choice(POSITIONS)
-            text = f"{first} Now picture the same shape, {new_colour}, {rng.choice(POSITION_PHRASES[new_pos])}."
-            final.update(colour=new_colour, position=new_pos)
-        else:
-            d_shape = rng.choice([s for s in SHAPES if s != shape])
-            d_colour = rng.choice([c for c in COLOUR_NAMES if c != colour])
-            text = f"Forget {_np(rng, d_shape, d_colour, rng.choice(SIZES))}. {first}"
-        out.append((text, final, kind))
-    return out
 
 
 def _batched_images(draw, items, args, seed: int) -> list:
@@ -129,12 +87,9 @@ def evaluate_world(args) -> dict:
         if "text-to-image" in groups:
             table.update(_text_to_image_rows(pipe, sd, judge, args, seed))
             log("text -> image")
-        if "stories" in groups:
-            table.update(_story_rows(pipe, sd, judge, args, seed))
-            log("stories")
-        if "image+text" in groups:
-            table.update(_interleaved_rows(pipe, sd, judge, args, seed))
-            log("image + text -> image")
+        if groups & {"stories", "image+text"}:
+            table.update(context_rows(pipe, sd, judge, args, seed + 6, groups, _gill_images, _sd_images))
+            log("contextual generation (context_test)")
         if "image-to-text" in groups:
             table["image->text GILL-tiny"] = _caption_row(pipe, args, seed)
             log("image -> text")
@@ -167,38 +122,6 @@ def _text_to_image_rows(pipe, sd, judge, args, seed: int) -> dict:
         table[f"text->image ({split}) GILL-tiny"] = score_readings(read_single_objects(judge, _gill_images(pipe, captions, args, seed)), truths)
         table[f"text->image ({split}) world SD"] = score_readings(read_single_objects(judge, _sd_images(sd, captions, args, seed)), truths)
     return table
-
-
-def _story_rows(pipe, sd, judge, args, seed: int) -> dict:
-    stories = make_stories(args.num, seed)
-    texts, truths = [s for s, _, _ in stories], [f for _, f, _ in stories]
-    gill = read_single_objects(judge, _gill_images(pipe, texts, args, seed + 1))
-    base = read_single_objects(judge, _sd_images(sd, texts, args, seed + 1))
-    table = {"stories GILL-tiny": score_readings(gill, truths), "stories world SD (concatenated text)": score_readings(base, truths)}
-    for kind in ("colour", "size", "position", "same-shape", "distractor"):
-        idx = [i for i, (_, _, k) in enumerate(stories) if k == kind]
-        table[f"stories/{kind} GILL-tiny"] = score_readings([gill[i] for i in idx], [truths[i] for i in idx])
-        table[f"stories/{kind} world SD"] = score_readings([base[i] for i in idx], [truths[i] for i in idx])
-    return table
-
-
-def _interleaved_rows(pipe, sd, judge, args, seed: int) -> dict:
-    """[image] "The same shape, but <colour>." -> image; the world SD only gets the text."""
-    from .data import sample_example
-    from .render import render_scene
-
-    rng = random.Random(f"interleaved/{seed}")
-    prompts, sd_texts, truths = [], [], []
-    for i in range(args.num):
-        scene, _ = sample_example(seed + 2, "validation", i, num_objects=1)
-        labels = scene.labels()
-        colour = rng.choice([c for c in COLOUR_NAMES if c != labels["colours"][0]])
-        text = f"The same shape, but {colour}."
-        prompts.append([render_scene(scene), text])
-        sd_texts.append(text)
-        truths.append({"shape": labels["shapes"][0], "colour": colour, "size": labels["sizes"][0], "position": labels["positions"][0]})
-    return {"image+text GILL-tiny": score_readings(read_single_objects(judge, _gill_images(pipe, prompts, args, seed + 2)), truths),
-            "image+text world SD (text only)": score_readings(read_single_objects(judge, _sd_images(sd, sd_texts, args, seed + 2)), truths)}
 
 
 def _caption_row(pipe, args, seed: int) -> dict:
@@ -258,18 +181,19 @@ def _decision_rows(args, model, processor, index, dataset, seed: int, n: int) ->
 
 
 def format_table(table: dict) -> str:
-    lines = ["| row | shape | colour | size | position | all / accuracy | n |", "|---|---|---|---|---|---|---|"]
+    lines = ["| row | shape | colour | size | position | edited | one object | all / accuracy | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in table.items():
         def cell(k):
             return f"{r[k]:.2f}" if k in r else ""
         last = r.get("all_four", r.get("accuracy", r.get("colour+shape")))
-        lines.append(f"| {name} | {cell('shape')} | {cell('colour')} | {cell('size')} | {cell('position')} | "
-                     f"{'' if last is None else f'{last:.2f}'} | {r.get('n', '')} |")
+        lines.append(f"| {name} | {cell('shape')} | {cell('colour')} | {cell('size')} | {cell('position')} | {cell('new')} | "
+                     f"{cell('one_object')} | {'' if last is None else f'{last:.2f}'} | {r.get('n', '')} |")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num", type=int, default=50, help="Examples per row.")
+    parser.add_argument("--num", type=int, default=50, help="Examples per row (contextual rows: per kind).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=25, help="Diffusion steps (DDIM), both GILL-tiny and the world SD.")
     parser.add_argument("--guidance-scale", type=float, default=4.0)

@@ -147,26 +147,69 @@ def prepare(num_train: int = DEFAULT_NUM_TRAIN, num_eval: int = DEFAULT_NUM_EVAL
     return {"data": str(final), "init": str(init)}
 
 
+CONTEXT_NUM_TRAIN, CONTEXT_NUM_EVAL, CONTEXT_NUM_TEST = 20000, 400, 1300
+
+
+def context_data_dir(num_train: int = CONTEXT_NUM_TRAIN, num_eval: int = CONTEXT_NUM_EVAL, seed: int = 0) -> Path:
+    return work_dir() / "data" / f"context_t{num_train}_v{num_eval}_s{seed}"
+
+
+def prepare_context(num_train: int = CONTEXT_NUM_TRAIN, num_eval: int = CONTEXT_NUM_EVAL, seed: int = 0,
+                    force: bool = False) -> str:
+    """The world's context-dependent examples (`world.context`: train and validation splits) with
+    the generation targets of their target captions (`gill-hf precompute-targets`), saved as a
+    `DatasetDict` folder for `gill-hf train --interleaved_dataset_name`."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from ..backbones import resolve_backbone
+    from ..data import precompute_targets
+    from ..embedded import SMOLLM2
+    from .context import generate_context_dataset
+
+    final = context_data_dir(num_train, num_eval, seed)
+    if not force and (final / "dataset_dict.json").is_file():
+        return str(final)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(SMOLLM2)[0])  # dialogues use the LM's chat template
+    splits = {}
+    for split, n in (("train", num_train), ("validation", num_eval)):
+        raw = work_dir() / "data" / f"context_raw_{split}_n{n}_s{seed}"
+        print(f"[gill-tiny] generating {n} context examples ({split}) -> {raw}", flush=True)
+        generate_context_dataset(n, split, seed, chat_template_tokenizer=tokenizer).save_to_disk(str(raw))
+        with_targets = work_dir() / "data" / f"context_targets_{split}_n{n}_s{seed}"
+        splits[split] = precompute_targets(with_targets, str(sd_view_dir()), dataset_name=str(raw))
+    datasets.DatasetDict({k: datasets.load_from_disk(str(work_dir() / "data" / f"context_targets_{k}_n{n}_s{seed}"))
+                          for k, n in (("train", num_train), ("validation", num_eval))}).save_to_disk(str(final))
+    return str(final)
+
+
 # ----- step 2: the training command -----------------------------------------------------------------------
 
 
 def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = DEFAULT_NUM_TRAIN,
                num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, batch_size: int = 16, save_steps: int = 50,
-               eval_steps: int = 100, backbone_dtype: str = "bfloat16") -> list[str]:
+               eval_steps: int = 100, backbone_dtype: str = "bfloat16", init: str | None = None,
+               context_ratio: float = 0.0, lora_r: int = 0, learning_rate: float | None = None) -> list[str]:
     """The `gill-hf train` arguments of the GILL-tiny run: the reference's hyper-parameters (AdamW
     1e-3, betas 0.9/0.95, weight decay 0.01, clipping 1.0, [IMG] row renormalisation) except the
     warmup (5% of the run), a cosine decay instead of the 10k-step StepLR, and no two-caption
     concatenation (a 2-core CPU affords a few hundred steps; see the README section "GILL-tiny")."""
     work = work_dir()
     output_dir = output_dir or str(work / "run")
+    # With context rows, every caption row is used once per epoch and interleaved rows fill `context_ratio`.
+    caption_rows = round(max_steps * batch_size * (1 - context_ratio))
+    context = (["--interleaved_dataset_name", context_data_dir(seed=seed).as_posix(), "--interleaved_ratio", str(context_ratio)]
+               if context_ratio > 0 else ["--cache_image_features"])  # raw images when mixed (the world's CLIP is cheap)
     return [
-        "--model_name_or_path", str(work / "init"),
+        "--model_name_or_path", str(init or work / "init"),
         "--dataset_name", str(data_dir(num_train, num_eval, seed)),
         "--train_split", "train", "--eval_split", "validation",
         # bf16 frozen backbones: 5.7 s vs 8.3 s per step in fp32 (batch 16, 1 thread, AVX512-BF16 CPU)
         "--backbone_dtype", backbone_dtype,
-        "--cache_image_features",
-        "--max_train_samples", str(min(num_train, max_steps * batch_size)),
+        *context,
+        *(["--lora_r", str(lora_r)] if lora_r else []),
+        *(["--learning_rate", str(learning_rate)] if learning_rate else []),
+        "--max_train_samples", str(min(num_train, max(1, caption_rows))),
         "--concat_captions_prob", "0",  # the two-caption augmentation doubles rows; no CPU budget for it
         "--output_dir", output_dir,
         "--max_steps", str(max_steps),
@@ -444,7 +487,7 @@ def _cmd_prepare(ns) -> None:
 
 def _train_argv_of(ns) -> list[str]:
     return train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps,
-                      ns.eval_steps, ns.backbone_dtype)
+                      ns.eval_steps, ns.backbone_dtype, ns.init, ns.context_ratio, ns.lora_r, ns.learning_rate)
 
 
 def _cmd_command(ns) -> None:
@@ -460,6 +503,8 @@ def _cmd_train(ns) -> None:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     prepare(ns.num_train, ns.num_eval, ns.seed)
+    if ns.context_ratio > 0:
+        prepare_context(seed=ns.seed)
     argv = _train_argv_of(ns)
     if ns.resume_from_checkpoint:
         argv += ["--resume_from_checkpoint", ns.resume_from_checkpoint]
@@ -527,6 +572,12 @@ def register(subparsers) -> None:
         p.add_argument("--output-dir", default=None)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--resume-from-checkpoint", default=None)
+        p.add_argument("--init", default=None, help="Starting checkpoint (default: the fresh heads of `prepare`; the "
+                                                    "shipped GILL-tiny folder warm-starts).")
+        p.add_argument("--context-ratio", type=float, default=0.0,
+                       help="Share of interleaved world context examples (world.context) in the mix (0: captions only).")
+        p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the LM (0: frozen LM, the reference).")
+        p.add_argument("--learning-rate", type=float, default=None, help="Peak learning rate (default: the reference's 1e-3).")
         p.set_defaults(func=func)
     p = sub.add_parser("train-retrieval", help="Refit the retrieval projections of a checkpoint at batch 200 "
                                                 "(gill-hf train-retrieval on frozen features).")

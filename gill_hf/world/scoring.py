@@ -39,16 +39,21 @@ def read_single_objects(judge, images) -> list[dict]:
         arrays = np.stack([np.asarray(im.convert("RGB").resize((32, 32))) for im in images]).astype(np.uint8)
     p = judge.predict(arrays)
     k = p["present"].argmax(1)
+    counts = (p["present"] > 0.5).sum(1)
     return [{"shape": SHAPES[p["shape"][i, k[i]]], "colour": COLOUR_NAMES[p["colour"][i, k[i]]],
-             "size": SIZES[p["size"][i, k[i]]], "position": POSITIONS[k[i]]} for i in range(len(arrays))]
+             "size": SIZES[p["size"][i, k[i]]], "position": POSITIONS[k[i]], "count": int(counts[i])}
+            for i in range(len(arrays))]
 
 
 def score_readings(readings: list[dict], truths: list[dict]) -> dict[str, float]:
-    """Accuracy of each attribute, of all four together, and the count."""
+    """Accuracy of each attribute, of all four together, the share of images the judge sees exactly
+    one object in (`one_object`, single-object truths), and the count."""
     if len(readings) != len(truths):
         raise ValueError(f"{len(readings)} readings for {len(truths)} truths.")
     result = {attr: float(np.mean([r[attr] == t[attr] for r, t in zip(readings, truths)])) for attr in ATTRIBUTES}
     result["all_four"] = float(np.mean([all(r[a] == t[a] for a in ATTRIBUTES) for r, t in zip(readings, truths)]))
+    if all("count" in r for r in readings):
+        result["one_object"] = float(np.mean([r["count"] == 1 for r in readings]))
     result["n"] = len(truths)
     return result
 
