@@ -6,18 +6,19 @@ Runs through `GillPipeline` (GILL-tiny adapter + world SD + a retrieval index ov
 GILL-tiny never trained on):
 
 1. text -> generated image (captions of fresh scenes; each image read by the world judge);
-2. image -> caption (the caption's colour and shape words checked against the scene);
-3. image + text -> image ("the same shape, but green"; judged: shape kept, colour green);
-4. a multi-turn dialogue, formatted with the instruct LM's own chat template (ChatML): SmolLM2-135M-
-   Instruct was tuned on it, so its text turns stay in distribution; the reference's `Q: ... A:`
-   suited OPT, a base LM. GILL's heads only read the `[IMG]` states, whatever the template;
-5. one prompt whose scene is in the retrieval set and one whose scene is not, answered with
-   `image_source="auto"`: the decision head's probabilities and its choice.
+2. image -> caption (the first sentence, checked: the scene's colour and shape, no other);
+3. story -> image, 4. image + edit instruction -> image, 5. two images -> their combination,
+   6. a dialogue follow-up in the LM's own chat template (ChatML: SmolLM2-135M-Instruct was tuned on
+   it): examples of the world's `context_test` split, whose final scene depends on the context; each
+   generated image judged against the exact target scene;
+7. prompts whose scene is in the retrieval set and prompts whose scene is not, answered with
+   `image_source="auto"`: the decision head's probabilities, its choice, and the shown image judged
+   against the prompt's scene.
 
-Writes `report.html` (images inline as base64 PNG), `grid.png` and `summary.json` to the output
-folder and prints a short summary. Every example comes from a seed of its own (never a training
-stream), so a rerun with the same `--seed` reproduces the report.
-"""
+Writes `report.html` (inputs, outputs and the judge's reading side by side; images inline as base64
+PNG), `grid.png` and `summary.json` to the output folder and prints a short summary. Every example
+comes from a seed of its own (never a training stream), so a rerun with the same `--seed`
+reproduces the report."""
 
 from __future__ import annotations
 
@@ -32,15 +33,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .world.scoring import caption_check, describe, first_sentence, read_single_objects, scene_attributes
+import numpy as np
+
+from .world.context import STORY_KINDS
+from .world.eval_context import EDITED, context_cases, context_prompt
+from .world.scoring import ATTRIBUTES, caption_check, describe, first_sentence, read_single_objects, scene_attributes
 
 SECTIONS = (
     ("text-to-image", "Text -> generated image"),
-    ("image-to-text", "Image -> caption"),
-    ("image-and-text-to-image", "Image + text -> image (\"the same shape, but green\")"),
-    ("dialogue", "Multi-turn dialogue (chat template)"),
+    ("image-to-text", "Image -> caption (its first sentence)"),
+    ("story", "Story -> image (the final scene depends on earlier sentences)"),
+    ("image-edit", "Image + edit instruction -> edited image"),
+    ("combine", "Two images -> their combination"),
+    ("dialogue", "Dialogue follow-up (the LM's chat template)"),
     ("retrieve-or-generate", "Retrieve or generate (decision head)"),
 )
+# The contextual sections draw from the world's `context_test` split (phrasings never seen in training).
+CONTEXT_SECTIONS = {"story": STORY_KINDS, "image-edit": tuple(EDITED), "combine": ("combine",), "dialogue": ("dialogue",)}
 DEMO_SEED_BASE = 50_000  # the demo's own sample streams: seed + this, never a training stream
 UPSCALE = 4
 
@@ -126,86 +135,57 @@ def image_to_text(pipe, judge, args) -> list[Item]:
     return items
 
 
-def image_and_text_to_image(pipe, judge, args) -> list[Item]:
-    from .world.data import sample_example
-    from .world.render import render_scene
-
-    instruction = "The same shape, but green."
+def context_section(pipe, judge, args, kinds: tuple[str, ...]) -> list[Item]:
+    """`--num-examples` context_test examples cycling through `kinds`, one batched pipeline call, each
+    generated image judged against the exact target scene."""
+    count = args.num_examples if len(kinds) > 1 else max(2, args.num_examples // 2)
+    per_kind = -(-count // len(kinds))
+    cases = context_cases(kinds, per_kind, DEMO_SEED_BASE + 4000 + args.seed, pipe.processor.tokenizer)
+    rows = [cases[kinds[i % len(kinds)]][i // len(kinds)] for i in range(count)]
+    prompts = [context_prompt(row) for row in rows]
+    out = pipe(prompt=prompts, force_image=True, image_source="generated", max_new_tokens=8, max_images=1,
+               generator=_generators(args.seed + 500 + len(kinds), len(prompts)), **_gen_kwargs(args))
+    generated = [images[0] for images in out.images]
     items = []
-    for i in range(args.num_examples):
-        j = 0
-        while True:  # a source object that is not green already
-            scene, _ = sample_example(DEMO_SEED_BASE + 2000 + args.seed, "validation", i * 100 + j, num_objects=1)
-            j += 1
-            if scene.labels()["colours"][0] != "green":
-                break
-        image = render_scene(scene)
-        out = pipe(prompt=[image, instruction], force_image=True, image_source="generated", max_new_tokens=8,
-                   generator=_generators(args.seed + 200 + i, 1), **_gen_kwargs(args))
-        generated = out.images[0][0]
-        seen = read_single_objects(judge, [generated])[0]
-        source = scene_attributes(scene.labels())
-        items.append(Item(prompt=f"[image] {instruction}", images_in=[image], images_out=[generated],
-                          checks={"shape kept": seen["shape"] == source["shape"], "green": seen["colour"] == "green"},
-                          notes=[f"source: {describe(source)}", f"judge sees: {describe(seen)}"]))
-    return items
-
-
-def dialogue(pipe, judge, args) -> list[Item]:
-    """Two user turns in the LM's chat template: describe an image, then draw a variation of it."""
-    from .world.data import sample_example
-    from .world.render import render_scene
-
-    tokenizer = pipe.processor.tokenizer
-    scene, _ = sample_example(DEMO_SEED_BASE + 3000 + args.seed, "validation", 0, num_objects=1)
-    image = render_scene(scene)
-    messages = [{"role": "user", "content": "<image> What is in this picture?"}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    first = pipe(prompt=prompt, prompt_images=[image], max_new_tokens=args.caption_tokens, image_source="generated",
-                 max_images=1, generator=_generators(args.seed + 300, 1), **_gen_kwargs(args))
-    answer = first_sentence(first.text[0].replace("<image>", "").strip())
-    truth = scene_attributes(scene.labels())
-    items = [Item(prompt="user: [image] What is in this picture?", images_in=[image], text_out=f"assistant: {answer}",
-                  checks=caption_check(answer, truth), notes=[f"scene: {describe(truth)}"])]
-    follow = "Now show me a picture of it, but large and in the center."
-    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    second = pipe(prompt=prompt, prompt_images=[image], force_image=True, image_source="generated",
-                  max_new_tokens=8 + args.caption_tokens, max_images=1, generator=_generators(args.seed + 301, 1),
-                  **_gen_kwargs(args))
-    generated = [row for row in second.images[0]]
-    seen = read_single_objects(judge, generated[:1])[0] if generated else None
-    checks = {} if seen is None else {"shape kept": seen["shape"] == truth["shape"], "colour kept": seen["colour"] == truth["colour"]}
-    items.append(Item(prompt=f"user: {follow}", text_out="assistant: " + second.text[0], images_out=generated, checks=checks,
-                      notes=[f"judge sees: {describe(seen)}"] if seen else []))
+    for row, prompt, image, seen in zip(rows, prompts, generated, read_single_objects(judge, generated)):
+        truth = {attr: row[attr] for attr in ATTRIBUTES}
+        text = " ".join(p for p in prompt if isinstance(p, str)) if row["kind"] != "dialogue" else row["context_text"]
+        items.append(Item(prompt=f"[{row['kind']}] {text}", images_in=[p for p in prompt if not isinstance(p, str)],
+                          images_out=[image], checks={attr: seen[attr] == truth[attr] for attr in ATTRIBUTES},
+                          notes=[f"target: {describe(truth)}", f"judge sees: {describe(seen)}"]))
     return items
 
 
 def retrieve_or_generate(pipe, judge, args, dataset) -> list[Item]:
-    from .world.gill_tiny import decision_prompts
+    """Prompts whose scene is in the retrieval set and prompts whose scene is not (half each, at least
+    eight), answered with `image_source="auto"`. Each shown image is judged against the prompt's
+    scene: a retrieved one by its exact labels, a generated one by the world judge."""
+    from .world.gill_tiny import decision_prompts, scene_key
 
-    # The first "retrieve" and the first "generate" prompt of the demo's own decision stream.
-    prompts = decision_prompts(2, seed=DEMO_SEED_BASE + args.seed, index_dataset=dataset)
+    prompts = decision_prompts(max(8, 2 * args.num_examples), seed=DEMO_SEED_BASE + args.seed, index_dataset=dataset)
     has_head = pipe.gill_model.config.decision_head_type is not None
-    source = "auto" if has_head else "generated"
+    out = pipe(prompt=[text for text, _, _ in prompts], force_image=True, image_source="auto" if has_head else "generated",
+               max_new_tokens=8, max_images=1, num_retrieved=3, generator=_generators(args.seed + 400, len(prompts)),
+               **_gen_kwargs(args))
+    keys = [scene_key(row) for row in dataset.select_columns(["shapes", "colours", "sizes", "positions"])]
     items = []
     for i, (text, truth, labels) in enumerate(prompts):
-        out = pipe(prompt=text, force_image=True, image_source=source, max_new_tokens=8, num_retrieved=3,
-                   generator=_generators(args.seed + 400 + i, 1), **_gen_kwargs(args))
+        source, image = out.image_sources[i][0], out.images[i][0]
         notes = [f"ground truth: {truth} (the scene is {'in' if truth == 'retrieve' else 'not in'} the retrieval set)"]
         checks = {}
-        if out.decision_probs is not None and out.decision_probs[0] is not None and len(out.decision_probs[0]):
-            probs = out.decision_probs[0][0].tolist()
-            chosen = out.image_sources[0][0]
-            notes.append(f"decision probabilities: generate {probs[0]:.3f}, retrieve {probs[1]:.3f} -> {chosen}")
-            checks["decision"] = (chosen == "retrieved") == (truth == "retrieve")
+        if out.decision_probs is not None and len(out.decision_probs[i]):
+            probs = out.decision_probs[i][0].tolist()
+            notes.append(f"decision probabilities: generate {probs[0]:.3f}, retrieve {probs[1]:.3f} -> {source}")
+            checks["decision"] = (source == "retrieved") == (truth == "retrieve")
+        if source == "retrieved":
+            shown = keys[int(out.retrieval_indices[i][0][0])]
+            notes.append(f"retrieved image {int(out.retrieval_indices[i][0][0])}: " + "; ".join(" ".join(o) for o in shown))
         else:
-            notes.append("no decision head in this checkpoint: generated")
-        if out.retrieval_scores is not None and out.retrieval_scores[0] is not None:
-            top = out.retrieval_scores[0][0].tolist()
-            notes.append("top retrieval cosine: " + ", ".join(f"{s:.3f}" for s in top))
-        items.append(Item(prompt=text, images_out=list(out.images[0]), notes=notes, checks=checks,
-                          text_out=f"image source: {', '.join(out.image_sources[0])}"))
+            seen = judge.describe(np.asarray(image.convert("RGB").resize((32, 32)))[None])[0]
+            shown = tuple(sorted((o["shape"], o["colour"], o["size"], o["position"]) for o in seen))
+            notes.append("judge sees: " + ("; ".join(" ".join(o) for o in shown) or "nothing"))
+        checks["image matches the prompt"] = shown == scene_key(labels)
+        items.append(Item(prompt=text, images_out=[image], notes=notes, checks=checks, text_out=f"image source: {source}"))
     return items
 
 
@@ -290,12 +270,13 @@ def run_demo(args) -> dict:
     judge = load_judge()
     progress.step(f"loaded GILL-tiny, world SD, judge and a {len(dataset)}-image retrieval index")
     results = {}
-    runners = {"text-to-image": text_to_image, "image-to-text": image_to_text,
-               "image-and-text-to-image": image_and_text_to_image, "dialogue": dialogue}
+    runners = {"text-to-image": text_to_image, "image-to-text": image_to_text}
     with torch.no_grad():
         for key, title in SECTIONS:
             if key == "retrieve-or-generate":
                 results[key] = retrieve_or_generate(pipe, judge, args, dataset)
+            elif key in CONTEXT_SECTIONS:
+                results[key] = context_section(pipe, judge, args, CONTEXT_SECTIONS[key])
             else:
                 results[key] = runners[key](pipe, judge, args)
             progress.step(title)

@@ -327,8 +327,40 @@ def _reference_cut(tokens: list[int], ids: GillTokenIds, options: GillDecodingOp
     return tokens
 
 
+def truncate_caption(text: str) -> str:
+    """The reference's cut of an answer's text: outer newlines stripped, then up to and including the
+    first newline if there is one, else up to and including the first '.'."""
+    text = text.strip("\n")
+    cut = text.find("\n") + 1
+    if cut <= 0:
+        cut = text.find(".") + 1
+    return text[:cut] if cut > 0 else text
+
+
+def answer_text(processor, token_ids: list[int], reference: bool) -> str:
+    """An answer's text with `<image>` where each block stood. A generated `<|image|>` id is dropped
+    (the reference decodes with `skip_special_tokens=True`; it stands for no image). In reference
+    mode the text before each block (or the whole answer, without one) gets `truncate_caption`,
+    and text after the last block is dropped, as the reference returns it."""
+    n_img = len(processor.img_token_ids)
+    token_ids = [t for t in token_ids if t != processor.image_token_id]
+    if not reference:
+        return processor.decode(token_ids)
+    starts = _block_starts(token_ids, processor.img_token_ids)
+    if not starts:
+        return truncate_caption(processor.tokenizer.decode(token_ids, skip_special_tokens=True))
+    parts, previous = [], 0
+    for start in starts:
+        text = truncate_caption(processor.tokenizer.decode(token_ids[previous:start], skip_special_tokens=True)).strip()
+        parts += ([text] if text else []) + ["<image>"]
+        previous = start + n_img
+    return " ".join(parts)
+
+
 __all__ = [
     "DECODING_MODES",
+    "answer_text",
+    "truncate_caption",
     "DecodedRow",
     "GillDecodingOptions",
     "GillDecodingState",

@@ -27,7 +27,7 @@ from gill_hf.modeling.manifest import load_consistently, save_folder
 from gill_hf.processing_gill import GillProcessor
 from gill_hf.retrieval import GillRetrievalIndex
 
-from .decoding_gill import DECODING_MODES, DecodedRow, GillDecodingOptions, GillTokenIds, gill_decode
+from .decoding_gill import DECODING_MODES, DecodedRow, GillDecodingOptions, GillTokenIds, answer_text, gill_decode
 from .utils_gill import convert_image, encode_text, own_unaligned_memory
 
 IMAGE_SOURCES = ("auto", "generated", "retrieved")
@@ -411,10 +411,12 @@ class GillPipeline(DiffusionPipeline):
                 block.source = "retrieved" if p[1] > p[0] else "generated"
         return decide
 
-    def _rescore(self, blocks: list[_Block], images: torch.Tensor, num_images_per_prompt: int) -> None:
+    def _rescore(self, blocks: list[_Block], images: torch.Tensor, num_images_per_prompt: int, reference: bool = False) -> None:
         """Orders each generated block's images by the cosine of their retrieval embedding to the
-        block's (as the reference does)."""
+        block's (as the reference does; in reference mode after its `resize((224, 224))`)."""
         pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(images))  # images are in [0, 1]
+        if reference:
+            pil = [image.resize((224, 224)) for image in pil]
         pixels = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
         image_embeds = self.gill_model.get_image_retrieval_embeds(pixel_values=pixels.to(self.gill_model.device))
         for j, block in enumerate(blocks):
@@ -518,7 +520,7 @@ class GillPipeline(DiffusionPipeline):
                 generate, generators, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
                 negative_prompt, negative_prompt_embeds, latents, callback_on_step_end, callback_on_step_end_tensor_inputs, device,
             )
-            self._rescore(generate, images, num_images_per_prompt)
+            self._rescore(generate, images, num_images_per_prompt, reference=decoding == "reference")
         for block in blocks:
             if block.source == "retrieved":
                 chosen = [int(i) for i in block.indices[:num_images_per_prompt] if i >= 0]
@@ -526,7 +528,7 @@ class GillPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
 
         # 4. Assemble, one entry per prompt.
-        output = self._assemble(rows, blocks, num_images_per_prompt, output_type, decided)
+        output = self._assemble(rows, blocks, num_images_per_prompt, output_type, decided, decoding == "reference")
         if return_dict:
             return output
         # Every field in declaration order (`to_tuple` would drop the None ones and shift the rest).
@@ -585,7 +587,7 @@ class GillPipeline(DiffusionPipeline):
         params = set(inspect.signature(self.scheduler.step).parameters)
         return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
 
-    def _assemble(self, rows, blocks, num_images_per_prompt, output_type, decided) -> GillPipelineOutput:
+    def _assemble(self, rows, blocks, num_images_per_prompt, output_type, decided, reference: bool = False) -> GillPipelineOutput:
         n_prompts = len(rows)
         per_prompt = [[b for b in blocks if b.prompt == p] for p in range(n_prompts)]
         config = self.gill_model.config
@@ -595,7 +597,7 @@ class GillPipeline(DiffusionPipeline):
             return torch.stack(values).cpu() if values else torch.full(shape, fill)
 
         out = GillPipelineOutput(
-            text=[self.processor.decode(row.token_ids) for row in rows],
+            text=[answer_text(self.processor, list(row.token_ids), reference) for row in rows],
             images=[[convert_image(img, output_type) for b in bs for img in b.images] for bs in per_prompt],
             image_sources=[[b.source for b in bs for _ in b.images] for bs in per_prompt],
             token_ids=[list(row.token_ids) for row in rows],

@@ -64,7 +64,7 @@ def test_demo_runs_every_capability(tmp_path, capsys):
     assert len(re.findall("data:image/png;base64,", page)) >= 8
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "summary.json").is_file()
     printed = capsys.readouterr().out
-    assert "[demo 6/6" in printed and "report.html" in printed
+    assert f"[demo {len(demo.SECTIONS) + 1}/{len(demo.SECTIONS) + 1}" in printed and "report.html" in printed
     # Every text -> image sample is judged; the decision section reports probabilities when a head exists.
     assert all(set(item.checks) == {"shape", "colour", "size", "position"} for item in out["results"]["text-to-image"])
     if out["meta"]["decision_head"]:

@@ -33,7 +33,7 @@ def seed_everything(seed: int) -> None:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (n,h,w,3) -> float (n,3,h,w) in [-1, 1], the range SD's VAE uses."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -39,7 +39,7 @@ def context_cases(kinds: tuple[str, ...], per_kind: int, seed: int, tokenizer) -
     return cases
 
 
-def _prompt(row: dict) -> list:
+def context_prompt(row: dict) -> list:
     """A context row's segments as a pipeline prompt (strings and PIL images)."""
     prompt = []
     for segment in row["segments"]:
@@ -65,7 +65,7 @@ def context_rows(pipe, sd, judge, args, seed: int, groups: set[str], gill_images
     for k, kind in enumerate(kinds):
         rows = cases[kind]
         truths = [_truth(r) for r in rows]
-        gill = read_single_objects(judge, gill_images(pipe, [_prompt(r) for r in rows], args, seed + 100 * k))
+        gill = read_single_objects(judge, gill_images(pipe, [context_prompt(r) for r in rows], args, seed + 100 * k))
         single_object += gill
         references = {"world SD (concatenated text)": [r["context_text"] for r in rows],
                       "oracle (world SD, exact target caption)": [r["target_caption"] for r in rows]}
@@ -99,4 +99,4 @@ def context_rows(pipe, sd, judge, args, seed: int, groups: set[str], gill_images
     return table
 
 
-__all__ = ["EDITED", "IMAGE_GROUP", "STORY_GROUP", "context_cases", "context_rows"]
+__all__ = ["EDITED", "IMAGE_GROUP", "STORY_GROUP", "context_cases", "context_prompt", "context_rows"]
