@@ -7,8 +7,10 @@ access (`from gill_hf import GillPipeline` works as usual).
 """
 
 import importlib
+import importlib.util
 import os
 
+import transformers
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from . import embedded  # registers the backbones shipped inside installed packages
@@ -31,6 +33,22 @@ def _load_lora_if_present(model: GillForConditionalGeneration, folder: str) -> N
 
 
 GillForConditionalGeneration.adapter_extension_loader = staticmethod(_load_lora_if_present)
+
+
+def _resolve_clip_image_processor_quietly() -> None:
+    # Without torchvision (which a CPU install must not have: its CUDA-only wheels break `import
+    # diffusers`), transformers falls back to `CLIPImageProcessorPil` and says "install torchvision" on
+    # first use; resolving the name once, quietly, keeps that contradicting hint off every load.
+    if importlib.util.find_spec("torchvision") is None:
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            getattr(transformers, "CLIPImageProcessor")
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+
+
+_resolve_clip_image_processor_quietly()
 
 __version__ = "0.1.0"
 

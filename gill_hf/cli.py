@@ -44,8 +44,35 @@ def register_train_command(subparsers) -> None:
     train.set_defaults(func=_train, passthrough=True)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+class GillArgumentParser(argparse.ArgumentParser):
+    """Every `--flag_name` is also `--flag-name` (and the other way round), as `HfArgumentParser`
+    accepts both; `--help` shows each flag's default. Subcommand parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        spelled = list(names)
+        for name in names:
+            if name.startswith("--"):
+                other = "--" + (name[2:].replace("_", "-") if "_" in name else name[2:].replace("-", "_"))
+                if other not in spelled and other not in self._option_string_actions:
+                    spelled.append(other)
+        return super().add_argument(*spelled, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gill-hf", description="GILL on Hugging Face libraries.")
+    parser = GillArgumentParser(prog="gill-hf", description="GILL on Hugging Face libraries.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_train_command(subparsers)
     from .data import register_data_commands

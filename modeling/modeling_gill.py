@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers import initialization as init
 from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import ModelOutput, cached_file
+from transformers.utils import logging as transformers_logging
 
 from .checkpointing import ADAPTER_WEIGHTS_NAME, load_adapter_weights, looks_like_a_local_path, save_adapter_weights
 from .configuration_gill import GillConfig
@@ -491,9 +492,20 @@ class GillForConditionalGeneration(GillPreTrainedModel, GenerationMixin):
         vision_source, vision_extra = cls.backbone_resolver(vision_model)
         language_model = AutoModelForCausalLM.from_pretrained(text_source, **text_extra, **load_kwargs)
         vision_config = AutoConfig.from_pretrained(vision_source, **vision_extra)
-        # A full CLIP checkpoint names a dual-encoder config: keep its vision tower only.
-        vision_config = getattr(vision_config, "vision_config", vision_config)
-        vision = AutoModel.from_pretrained(vision_source, config=vision_config, **vision_extra, **load_kwargs)
+        if not hasattr(vision_config, "vision_config"):
+            return language_model, AutoModel.from_pretrained(vision_source, config=vision_config, **vision_extra, **load_kwargs)
+        # A full CLIP checkpoint names a dual-encoder config: load its vision tower only. Its text tower's
+        # tensors are expected leftovers (no load report for them); a missing vision tensor is an error.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            vision, info = AutoModel.from_pretrained(vision_source, config=vision_config.vision_config, output_loading_info=True,
+                                                     **vision_extra, **load_kwargs)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        if info["missing_keys"] or info.get("mismatched_keys"):
+            raise ValueError(f"The vision tower at {vision_source!r} lacks or mis-shapes tensors: "
+                             f"{sorted(info['missing_keys'])} {info.get('mismatched_keys') or ''}")
         return language_model, vision
 
     @classmethod

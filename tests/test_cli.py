@@ -127,3 +127,24 @@ def test_parser_wiring_and_console_script():
     assert result.returncode == 0
     for flag in ("--train_tsv", "--concat_captions_prob", "--weight_decay_mode", "--lora_r", "--gradient_accumulation_steps"):
         assert flag in result.stdout, flag
+
+
+def test_every_flag_takes_both_spellings_and_help_shows_defaults():
+    parser = build_parser()
+    a = parser.parse_args(["train-decision", "--model-name-or-path", "m", "--prompts", "p", "--output-dir", "o", "--eval-fraction", "0.3"])
+    b = parser.parse_args(["train-decision", "--model_name_or_path", "m", "--prompts", "p", "--output_dir", "o", "--eval_fraction", "0.3"])
+    assert vars(a) == vars(b) and a.eval_fraction == 0.3
+    c = parser.parse_args(["gill-tiny", "train", "--max_steps", "5", "--context_ratio", "0.5"])
+    assert (c.max_steps, c.context_ratio) == (5, 0.5)
+    help_text = subprocess.run([sys.executable, "-m", "gill_hf.cli", "train-decision", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "(default: 2000)" in " ".join(help_text.split())  # --steps
+
+
+def test_top_level_help_imports_no_pipeline_data_or_training_stack():
+    code = ("import sys, contextlib, io\nfrom gill_hf.cli import main\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main(['--help'])\n"
+            "heavy = [m for m in ('diffusers', 'datasets', 'transformers.trainer', 'gill_hf.training', 'gill_hf.pipelines')"
+            " if m in sys.modules]\nprint(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
