@@ -62,7 +62,8 @@ def _common(p: argparse.ArgumentParser, steps: int | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the cores are shared)")
     if steps is not None:
         p.add_argument("--steps", type=int, default=steps)
-        p.add_argument("--output-dir", default=None, help="default: the package's assets folder")
+        p.add_argument("--output-dir", default=None,
+                       help="default: ~/.cache/gill_hf_world/assets/<model> (`gill_hf/world/assets/<model>` updates the shipped one)")
         p.add_argument("--no-resume", action="store_true", help="ignore a cached checkpoint")
 
 

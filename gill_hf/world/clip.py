@@ -21,7 +21,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcess
                           CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig)
 
 from .common import (Checkpoint, asset_path, plot_curves, progress, save_fp16, seed_everything, set_threads,
-                     smooth, to_tensor, write_json)
+                     smooth, to_tensor, trained_asset_dir, write_json)
 from .data import generate_arrays
 from .render import (BACKGROUND_NAMES, COLOUR_NAMES, IMAGE_SIZE, POSITIONS, SHAPES, SIZES,
                      canonical_caption)
@@ -119,7 +119,7 @@ def train_clip(steps: int = 1200, batch_size: int = 128, lr: float = 1e-3, seed:
         ckpt.snapshot(model, opt, sched, g, step, hist, t0, force=step == steps)
     bar.close()
     wall = time.time() - t0
-    out = Path(out_dir or asset_path("clip"))
+    out = Path(out_dir or trained_asset_dir("clip"))
     save_fp16(model, out)
     make_processor(tok).save_pretrained(str(out))
     plot_curves(out / "training_curve.png", {"loss (smoothed)": smooth(hist["loss"])},

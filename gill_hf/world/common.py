@@ -21,6 +21,12 @@ def asset_path(name: str) -> Path:
     return ASSETS / name
 
 
+def trained_asset_dir(name: str) -> Path:
+    """Where a world training run writes its model by default: the user's world cache, never the
+    installed package (pass `--output-dir gill_hf/world/assets/<name>` to update the shipped one)."""
+    return cache_dir() / "assets" / name
+
+
 def set_threads(n: int) -> None:
     # The machine's two cores are shared; long runs default to one thread.
     torch.set_num_threads(max(1, int(n)))

@@ -244,21 +244,32 @@ def retrieval_argv(checkpoint: str | os.PathLike, output_dir: str | None = None,
 # ----- step 4: export and ship ---------------------------------------------------------------------------------------
 
 
-def export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TINY_DIR) -> Path:
-    """A `gill-hf train` checkpoint (adapter tensors fp32) -> the shipped adapter folder (fp16)."""
+def export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
+    """A `gill-hf train` checkpoint (adapter tensors fp32, LoRA tensors under `lora/` if any) -> the
+    shipped adapter folder (fp16). The model's files go through the manifest save; the processor's
+    files are copied beside them."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from ..modeling.checkpointing import ADAPTER_WEIGHTS_NAME
+    from ..modeling.manifest import save_folder
 
-    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = load_file(str(checkpoint / ADAPTER_WEIGHTS_NAME))
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    save_file(state, str(output_dir / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    for name in os.listdir(checkpoint):
-        if name.endswith(".json") and name not in ("trainer_state.json",) or name.endswith((".jinja", ".txt")):
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir or shipped_dir())
+    model_files = [ADAPTER_WEIGHTS_NAME] + [str(p.relative_to(checkpoint)) for p in sorted((checkpoint / "lora").glob("*"))]
+    with save_folder(output_dir) as staging:
+        for name in model_files:
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if name.endswith(".safetensors"):
+                state = load_file(str(checkpoint / name))
+                state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+                save_file(state, str(target), metadata={"format": "pt"})
+            else:
+                shutil.copy2(checkpoint / name, target)
+        shutil.copy2(checkpoint / "config.json", staging / "config.json")
+    for name in os.listdir(checkpoint):  # the processor's files
+        if name not in ("config.json", "trainer_state.json") and (name.endswith((".json", ".jinja", ".txt"))):
             shutil.copy2(checkpoint / name, output_dir / name)
     return output_dir
 
@@ -442,7 +453,13 @@ def write_card(output_dir: str | os.PathLike, history: dict, info: dict) -> None
     (output_dir / "README.md").write_text("\n".join(lines))
 
 
-def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike = GILL_TINY_DIR, num_prompts: int = DECISION_PROMPTS,
+def shipped_dir() -> Path:
+    """Where `ship` / `export` write by default: the user's world cache, never the installed package
+    (`--output-dir gill_hf/world/assets/gill_tiny` updates the shipped adapter)."""
+    return work_dir() / "shipped"
+
+
+def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None = None, num_prompts: int = DECISION_PROMPTS,
          num_train: int = DECISION_TRAIN, extra_info: dict | None = None, retrieval_refit: str | os.PathLike | None = None) -> dict:
     """Checkpoint (or its `gill-hf train-retrieval` refit) -> fp16 adapter -> both decision heads
     (`gill-hf train-decision`) -> the shipped folder (GILL-tiny with the `hidden_and_score` head,
@@ -530,7 +547,8 @@ def _cmd_decision(ns) -> None:
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    print(json.dumps(train_decision(ns.model, ns.output_dir, ns.num_prompts, ns.num_train), indent=1))
+    output_dir = ns.output_dir or work_dir() / "decision"
+    print(json.dumps(train_decision(ns.model, output_dir, ns.num_prompts, ns.num_train), indent=1))
 
 
 def _cmd_ship(ns) -> None:
@@ -592,14 +610,15 @@ def register(subparsers) -> None:
     p = sub.add_parser("decision", help="Both decision heads (gill-hf train-decision) on world prompts labelled by "
                                         "whether the scene is in the retrieval set.")
     p.add_argument("--model", default=str(GILL_TINY_DIR))
-    p.add_argument("--output-dir", default=str(work_dir() / "decision"))
+    p.add_argument("--output-dir", default=None, help="default: ~/.cache/gill_hf_world/gill_tiny/decision")
     p.add_argument("--num-prompts", type=int, default=DECISION_PROMPTS)
     p.add_argument("--num-train", type=int, default=DECISION_TRAIN)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_decision)
     p = sub.add_parser("ship", help="Checkpoint -> decision heads -> the shipped fp16 folder with card and curves.")
     p.add_argument("checkpoint")
-    p.add_argument("--output-dir", default=str(GILL_TINY_DIR))
+    p.add_argument("--output-dir", default=None, help="default: ~/.cache/gill_hf_world/gill_tiny/shipped "
+                                                      "(`gill_hf/world/assets/gill_tiny` updates the shipped adapter)")
     p.add_argument("--num-prompts", type=int, default=DECISION_PROMPTS)
     p.add_argument("--num-train", type=int, default=DECISION_TRAIN)
     p.add_argument("--info", default=None, help="JSON file of extra facts for the card (data, wall time, hardware).")
@@ -608,7 +627,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_ship)
     p = sub.add_parser("export", help="Checkpoint -> the shipped fp16 adapter folder.")
     p.add_argument("checkpoint")
-    p.add_argument("--output-dir", default=str(GILL_TINY_DIR))
+    p.add_argument("--output-dir", default=None, help="default: ~/.cache/gill_hf_world/gill_tiny/shipped")
     p.set_defaults(func=_cmd_export)
 
 

@@ -21,7 +21,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from tqdm.auto import tqdm
 
 from .common import (Checkpoint, asset_path, plot_curves, progress, save_fp16, seed_everything, set_threads,
-                     smooth, to_tensor, write_json)
+                     smooth, to_tensor, trained_asset_dir, write_json)
 from .data import generate_arrays, label_ids
 from .render import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
 
@@ -158,7 +158,7 @@ def train_judge(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed
         ckpt.snapshot(model, opt, sched, g, step, hist, t0, force=step == steps)
     bar.close()
     wall = time.time() - t0
-    out = Path(out_dir or asset_path("judge"))
+    out = Path(out_dir or trained_asset_dir("judge"))
     save_fp16(model, out)
     plot_curves(out / "training_curve.png", {"loss (smoothed)": smooth(hist["loss"])},
                 "judge training loss", log_y=True)

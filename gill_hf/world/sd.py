@@ -22,7 +22,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
                        UNet2DConditionModel)
 
 from .common import (Checkpoint, asset_path, plot_curves, progress, save_fp16, seed_everything,
-                     set_threads, smooth, to_tensor, to_uint8, write_json)
+                     set_threads, smooth, to_tensor, to_uint8, trained_asset_dir, write_json)
 from .data import cache_dir, generate_arrays, sample_example
 from .scoring import read_single_objects, scene_attributes, score_readings
 
@@ -307,7 +307,7 @@ def train_unet(steps: int = 6000, batch_size: int = 32, lr: float = 6e-4, seed: 
     ckpt.snapshot(unet, opt, sched, g, step, hist, t0, force=True)
     hist.pop("ema")
     wall = time.time() - t0
-    out = Path(out_dir or asset_path("sd"))
+    out = Path(out_dir or trained_asset_dir("sd"))
     # Reload the VAE: a decoder-only fine-tune may have run while the UNet trained (the
     # encoder, hence the latents, are the same either way).
     vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
