@@ -113,6 +113,7 @@ def push_to_hub(
     token: str | None = None,
     revision: str | None = None,
     training: dict | None = None,
+    embed_images: bool = False,
 ) -> Any:
     r"""
     Saves `obj` (a [`GillForConditionalGeneration`] or a [`GillPipeline`]) to a temporary folder,
@@ -127,6 +128,9 @@ def push_to_hub(
         processor ([`GillProcessor`], *optional*): model only: saved beside the weights.
         commit_message, private, token, revision: as for `HfApi.upload_folder` / `create_repo`.
         training (`dict`, *optional*): `data`, `steps`, `metrics` of the run, for the card.
+        embed_images (`bool`, *optional*): pipeline only: a retrieval index over local image files is
+            pushed with the images' bytes (a dataset-backed copy); without it such an index is refused
+            (the repo would name files that only exist on this machine).
 
     Returns:
         What `api.upload_folder` returns (the commit info for `HfApi`).
@@ -141,9 +145,21 @@ def push_to_hub(
 
         api = HfApi(token=token)
     form = None if is_pipeline else choose_form(obj, form)
+    index = getattr(obj, "retrieval_index", None) if is_pipeline else None
+    local = index.local_references() if index is not None else []
+    if local and not embed_images:
+        raise ValueError(f"The pipeline's retrieval index refers to {len(local)} local image files (e.g. {local[0]!r}) that "
+                         "the Hub repo would not hold: pass `embed_images=True` to upload the images with it, or build the "
+                         "index from a `datasets.Dataset` or URLs.")
     with tempfile.TemporaryDirectory(prefix="gill-hf-push-") as tmp:
         folder = Path(tmp) / "upload"
-        if is_pipeline:
+        if is_pipeline and local:
+            obj.register_modules(retrieval_index=index.with_embedded_images())
+            try:
+                obj.save_pretrained(folder)
+            finally:
+                obj.register_modules(retrieval_index=index)
+        elif is_pipeline:
             obj.save_pretrained(folder)
         else:
             obj.save_pretrained(folder, form=form)

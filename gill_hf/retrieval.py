@@ -267,6 +267,30 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
             return [[int(i) for i in e] for e in exclude]
         return [[int(i) for i in exclude] for _ in range(n_queries)]
 
+    def local_references(self) -> list[str]:
+        """References that name local files (not URLs); empty for a dataset-backed index."""
+        if self.dataset is not None:
+            return []
+        return [r for r in self.references if not r.startswith(("http://", "https://"))]
+
+    def with_embedded_images(self) -> GillRetrievalIndex:
+        """The same index backed by a `datasets.Dataset` holding its local images' bytes, so that a
+        saved (or pushed) copy carries them; URLs stay references to be fetched on retrieval."""
+        import datasets
+
+        if self.dataset is not None:
+            return self
+        missing = [r for r in self.local_references() if not os.path.isfile(r)]
+        if missing:
+            raise ValueError(f"{len(missing)} indexed image files do not exist (e.g. {missing[0]!r}); cannot embed them.")
+        rows = [{"bytes": None, "path": r} if r.startswith(("http://", "https://")) else {"bytes": Path(r).read_bytes(), "path": os.path.basename(r)}
+                for r in self.references]
+        if any(row["bytes"] is None for row in rows):
+            raise ValueError("An index mixing URLs and local files cannot be embedded; embed a local-only index.")
+        dataset = datasets.Dataset.from_dict({self.config.image_column: rows},
+                                             features=datasets.Features({self.config.image_column: datasets.Image()}))
+        return GillRetrievalIndex.from_embeddings(self.embeddings, dataset=dataset, image_column=self.config.image_column)
+
     # ----- images -------------------------------------------------------------------------------
 
     def get_image(self, index: int) -> PIL.Image.Image:

@@ -389,6 +389,9 @@ class GillDataArguments:
     sd_model: str | None = field(default=None, metadata={"help": "SD folder/hub id whose text_encoder/tokenizer make missing targets."})
     target_batch_size: int = field(default=128, metadata={"help": "Batch size of the target precompute."})
     cache_image_features: bool = field(default=False, metadata={"help": "Precompute the frozen vision features once (map-style caption data)."})
+    allow_missing_targets: bool = field(default=False, metadata={
+        "help": "Train without generation targets (no gen_loss: the image head does not learn). Without this flag, "
+                "data with no targets and no --sd_model is an error."})
     interleaved_dataset_name: str | None = field(default=None, metadata={
         "help": "Interleaved examples (gill_hf.interleaved schema: segments, target_caption, target_image), e.g. a folder "
                 "saved by `gill-hf precompute-targets`, mixed with the caption rows at --interleaved_ratio."})
@@ -463,6 +466,19 @@ def _prepare(dataset, data_args: GillDataArguments, model, processor):
     return dataset
 
 
+def _check_targets(train, data_args: GillDataArguments) -> None:
+    """Data without generation targets trains no image head: an error unless asked for (loudly)."""
+    columns = getattr(train, "column_names", None)
+    if columns is None or "gen_targets" in columns or "gen_targets_path" in columns:
+        return  # a stream of unknown columns: the collator finds out per batch
+    message = ("The training data has no generation targets (`gen_targets` / the reference's clip_embs/*.npy) and no "
+               "`--sd_model` to compute them: `gen_loss` would be dropped and the image head would not learn.")
+    if not data_args.allow_missing_targets:
+        raise ValueError(message + " Pass `--sd_model`, precompute them (`gill-hf precompute-targets`), or "
+                                   "`--allow_missing_targets` to train the other losses only.")
+    logger.warning(message + " Training without it (`--allow_missing_targets`).")
+
+
 def _mix_interleaved(train, data_args: GillDataArguments):
     """The caption rows and the interleaved rows in one dataset at `--interleaved_ratio`."""
     from .data import load_saved_or_hub_dataset, precompute_gen_targets, prepare_interleaved_dataset
@@ -521,6 +537,7 @@ def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArgu
     evaluation = _load_split(data_args, data_args.eval_tsv, data_args.eval_image_dir or data_args.image_dir,
                              data_args.eval_split, data_args.max_eval_samples)
     train = _prepare(train, data_args, model, processor)
+    _check_targets(train, data_args)
     evaluation = _prepare(evaluation, data_args, model, processor) if evaluation is not None else None
     if data_args.interleaved_dataset_name:
         train = _mix_interleaved(train, data_args)

@@ -315,3 +315,34 @@ def test_an_eval_fraction_outside_its_range_is_a_user_error(tmp_path):
         main(["train-decision", "--model_name_or_path", str(folder), "--prompts", str(labelled_prompts(tmp_path / "p.tsv")),
               "--output_dir", str(tmp_path / "o"), "--eval_fraction", "1.5"])
     assert exit_info.value.code == 2
+
+
+# ----- silently wrong runs and folders (the first-hour issue) ------------------------------------------
+
+
+def test_training_without_generation_targets_is_an_error_unless_asked(tmp_path):
+    from gill_hf.cli import main
+
+    checkpoint = tiny_checkpoint(tmp_path / "model")
+    tsv, images = synthetic_cc3m(tmp_path / "data")
+    import shutil
+
+    shutil.rmtree(images / "clip_embs")
+    argv = ["train", "--model_name_or_path", str(checkpoint), "--train_tsv", str(tsv), "--image_dir", str(images),
+            "--output_dir", str(tmp_path / "run"), "--use_cpu", "--report_to", "none", "--max_steps", "1",
+            "--per_device_train_batch_size", "4", "--save_strategy", "no", "--disable_tqdm", "true"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    main(argv + ["--allow_missing_targets"])
+    assert (tmp_path / "run" / "gill_adapter.safetensors").is_file()
+
+
+def test_saved_folders_keep_normal_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    tiny_gill("opt").save_pretrained(tmp_path / "m")
+    GillRetrievalIndex.from_embeddings(torch.randn(2, 16), references=["a", "b"]).save_pretrained(tmp_path / "i")
+    for folder in (tmp_path / "m", tmp_path / "i"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+        assert (folder / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask

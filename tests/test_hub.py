@@ -97,3 +97,27 @@ def test_bad_push_arguments(tmp_path):
     with pytest.raises(ValueError, match="pipeline"):
         push_to_hub(tiny_pipeline(tmp_path), "org/x", api=api, form="full")
     assert api.calls == []
+
+
+def test_a_pipeline_whose_index_names_local_files_is_refused_or_embedded(tmp_path):
+    import PIL.Image
+
+    from gill_hf import GillRetrievalIndex
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        PIL.Image.new("RGB", (12, 12), (80 * i, 10, 10)).save(folder / f"{i}.png")
+    references = [str(folder / f"{i}.png") for i in range(3)]
+    index = GillRetrievalIndex.from_embeddings(torch.randn(3, 16), references=references)
+    pipe = tiny_pipeline(tmp_path, retrieval_index=index)
+    api = FolderHubApi(tmp_path / "hub")
+    with pytest.raises(ValueError, match="3 local image files.*embed_images=True"):
+        pipe.push_to_hub("org/local", api=api)
+    assert api.calls == []
+    pipe.push_to_hub("org/local", api=api, embed_images=True)
+    assert pipe.retrieval_index is index  # the pipeline itself is left as it was
+    pushed = GillRetrievalIndex.from_pretrained(tmp_path / "hub" / "org/local" / "retrieval_index")
+    assert pushed.references is None and len(pushed) == 3
+    for i in range(3):
+        assert np.array_equal(np.asarray(pushed.get_image(i)), np.asarray(PIL.Image.open(references[i]).convert("RGB")))
