@@ -59,6 +59,7 @@ _LAZY = {
     "GillTrainer": "gill_hf.training",
     "GillTrainingArguments": "gill_hf.training",
     "GillDataCollator": "gill_hf.data",
+    "load_gill_tiny_pipeline": "gill_hf.world.gill_tiny",
 }
 
 
@@ -80,6 +81,7 @@ __all__ = [
     "GillTrainer",
     "GillTrainingArguments",
     "add_gill_tokens",
+    "load_gill_tiny_pipeline",
     "push_to_hub",
     "register_embedded_backbone",
     "resolve_backbone",

@@ -122,6 +122,8 @@ class GillPipeline(DiffusionPipeline):
         feature_extractor=None,
         retrieval_index: GillRetrievalIndex | None = None,
         unconditional_embedding: GillUnconditionalEmbedding | None = None,
+        default_num_inference_steps: int = 50,
+        default_guidance_scale: float = 7.5,
     ):
         super().__init__()
         cross = unet.config.cross_attention_dim
@@ -137,6 +139,10 @@ class GillPipeline(DiffusionPipeline):
             feature_extractor=feature_extractor, retrieval_index=retrieval_index,
             unconditional_embedding=unconditional_embedding,
         )
+        # What `num_inference_steps` / `guidance_scale` default to: the decoder's own settings, saved
+        # with the pipeline (diffusers' 50 / 7.5 unless the decoder says otherwise).
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps,
+                                default_guidance_scale=default_guidance_scale)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -177,12 +183,16 @@ class GillPipeline(DiffusionPipeline):
         processor: GillProcessor,
         retrieval_index: GillRetrievalIndex | None = None,
         keep_text_encoder: bool = False,
+        default_num_inference_steps: int = 50,
+        default_guidance_scale: float = 7.5,
         **sd_kwargs,
     ) -> GillPipeline:
         r"""
         Assembles a pipeline from a plain Stable Diffusion checkpoint (a folder, a repo id or a loaded
         `StableDiffusionPipeline`) and a GILL model. SD's encoding of `""` is computed once and stored;
         the SD text encoder is dropped unless `keep_text_encoder` (needed for `negative_prompt`).
+        `default_num_inference_steps` / `default_guidance_scale` are the decoder's settings, used when
+        a call does not pass them (saved with the pipeline).
         """
         if isinstance(stable_diffusion, (str, os.PathLike)):
             from diffusers import StableDiffusionPipeline
@@ -200,6 +210,7 @@ class GillPipeline(DiffusionPipeline):
             tokenizer=sd["tokenizer"] if keep_text_encoder else None,
             safety_checker=sd.get("safety_checker"), feature_extractor=sd.get("feature_extractor"),
             retrieval_index=retrieval_index, unconditional_embedding=stored,
+            default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale,
         )
 
     def push_to_hub(self, repo_id: str, *, api=None, **kwargs) -> str:
@@ -447,8 +458,8 @@ class GillPipeline(DiffusionPipeline):
         image_source: str = "auto",
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
@@ -480,7 +491,9 @@ class GillPipeline(DiffusionPipeline):
             image_source: `"auto"` (the decision head chooses), `"generated"` or `"retrieved"`.
             height, width, num_inference_steps, guidance_scale, negative_prompt, negative_prompt_embeds,
             num_images_per_prompt, latents, output_type, return_dict, callback_on_step_end,
-            callback_on_step_end_tensor_inputs: as in `StableDiffusionPipeline` (images per block).
+            callback_on_step_end_tensor_inputs: as in `StableDiffusionPipeline` (images per block);
+                `num_inference_steps` / `guidance_scale` default to the pipeline's saved settings
+                (`config.default_num_inference_steps` / `default_guidance_scale`).
             generator: one generator or one per prompt; drives token sampling, then each block's latents.
             truncation: keep the last tokens of a prompt too long for the LM's context (with a warning)
                 instead of raising.
@@ -488,6 +501,8 @@ class GillPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        num_inference_steps = self.config.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(

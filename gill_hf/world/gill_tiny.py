@@ -293,6 +293,7 @@ def load_gill_tiny_pipeline(model_path: str | os.PathLike | None = None, sd_path
     import torch
 
     from ..pipelines import GillPipeline
+    from .sd import SD_GUIDANCE, SD_STEPS
 
     model_path, sd_path = Path(model_path or GILL_TINY_DIR), Path(sd_path or SD_DIR)
     for what, path, marker in (("GILL-tiny adapter", model_path, "config.json"), ("world SD", sd_path, "model_index.json")):
@@ -300,7 +301,9 @@ def load_gill_tiny_pipeline(model_path: str | os.PathLike | None = None, sd_path
             raise FileNotFoundError(f"The {what} is missing ({str(path)!r} has no {marker}).")
     model, processor = load_gill_tiny(model_path)
     index = build_retrieval_index(model, processor) if retrieval else None
-    pipe = GillPipeline.from_sd_and_gill(str(sd_path), model, processor, retrieval_index=index, dtype=torch.float32)
+    # The settings the world SD was evaluated at (its card): 25 DDIM steps, guidance 4.
+    pipe = GillPipeline.from_sd_and_gill(str(sd_path), model, processor, retrieval_index=index, dtype=torch.float32,
+                                         default_num_inference_steps=SD_STEPS, default_guidance_scale=SD_GUIDANCE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
