@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .outputs_gill import GillOutput
+
 IGNORE_INDEX = -100
 
 Piece = tuple[torch.Tensor, torch.LongTensor, int, int, int | None]
@@ -98,8 +100,6 @@ def training_forward(model, input_ids, pixel_values=None, image_features=None, g
                      context_pixel_values=None, context_image_features=None, interleaved=None, paired=None):
     """GILL's training forward (see `GillForConditionalGeneration.forward`): the captioning pass over
     caption rows, one text pass over every row, and the four losses. Returns a `GillOutput`."""
-    from .modeling_gill import GillOutput
-
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[0] == 0:
         raise ValueError("`input_ids` must be a non-empty (batch, length) tensor of training rows.")
     config = model.config

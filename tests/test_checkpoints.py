@@ -97,7 +97,7 @@ def test_save_killed_midway_leaves_no_loadable_partial_folder(tmp_path, monkeypa
         (folder / checkpointing.ADAPTER_WEIGHTS_NAME).write_bytes(b"partial")
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr("gill_hf.modeling.modeling_gill.save_adapter_weights", crash)
+    monkeypatch.setattr("gill_hf.modeling.checkpoint_forms.save_adapter_weights", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path / "new", form="adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "vision"]
@@ -105,7 +105,7 @@ def test_save_killed_midway_leaves_no_loadable_partial_folder(tmp_path, monkeypa
     # An existing checkpoint survives a crashed overwrite intact.
     monkeypatch.undo()
     model.save_pretrained(tmp_path / "ckpt", form="adapter")
-    monkeypatch.setattr("gill_hf.modeling.modeling_gill.save_adapter_weights", crash)
+    monkeypatch.setattr("gill_hf.modeling.checkpoint_forms.save_adapter_weights", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path / "ckpt", form="adapter")
     _assert_same_outputs(model, GillForConditionalGeneration.from_pretrained(tmp_path / "ckpt"))
