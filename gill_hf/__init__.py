@@ -27,12 +27,19 @@ GillForConditionalGeneration.hub_pusher = staticmethod(push_to_hub)
 
 
 def _load_lora_if_present(model: GillForConditionalGeneration, folder: str) -> None:
-    # LoRA layers trained by GillTrainer live in `lora/` beside the adapter weights.
+    # LoRA layers of the LM live in `lora/` beside the adapter weights (peft's format).
     if os.path.isfile(os.path.join(folder, "lora", "adapter_config.json")):
-        importlib.import_module("gill_hf.training").load_lora(model, folder)
+        importlib.import_module("gill_hf.lora").load_lora(model, folder)
+
+
+def _save_lora_if_present(model: GillForConditionalGeneration, folder: str) -> None:
+    lora = importlib.import_module("gill_hf.lora")
+    if lora.has_lora(model):
+        lora.save_lora(model, folder)
 
 
 GillForConditionalGeneration.adapter_extension_loader = staticmethod(_load_lora_if_present)
+GillForConditionalGeneration.adapter_extension_saver = staticmethod(_save_lora_if_present)
 
 
 def _resolve_clip_image_processor_quietly() -> None:

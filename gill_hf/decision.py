@@ -176,9 +176,6 @@ def run_train_decision(namespace: argparse.Namespace) -> dict:
     from .processing_gill import GillProcessor
 
     from .hub import default_form
-    from .training import refuse_lora_checkpoint
-
-    refuse_lora_checkpoint(namespace.model_name_or_path, "gill-hf train-decision")
     model = GillForConditionalGeneration.from_pretrained(namespace.model_name_or_path)
     processor = GillProcessor.from_pretrained(namespace.processor_name_or_path or namespace.model_name_or_path)
     texts, labels = load_labelled_prompts(namespace.prompts)

@@ -190,9 +190,6 @@ def _check_arguments(namespace: argparse.Namespace) -> None:
     if namespace.max_train_samples is not None and namespace.max_train_samples < namespace.batch_size:
         raise ValueError(f"`--max_train_samples` ({namespace.max_train_samples}) must be at least `--batch_size` "
                          f"({namespace.batch_size}).")
-    from .training import refuse_lora_checkpoint
-
-    refuse_lora_checkpoint(namespace.model_name_or_path, "gill-hf train-retrieval")
 
 
 def load_for_refit(path: str, backbone_dtype: str):

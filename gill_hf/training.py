@@ -19,18 +19,18 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .metrics.functional import retrieval_metrics
 from .modeling.checkpointing import ADAPTER_WEIGHTS_NAME, BACKBONE_PREFIXES, gill_state_dict, load_adapter_weights
+from .lora import LORA_FOLDER, apply_lora, load_lora, save_lora
 from .modeling.manifest import save_folder
 
 logger = logging.get_logger(__name__)
 
 LOSS_KEYS = ("caption_loss", "text_loss", "contrastive_loss", "gen_loss")
-LORA_FOLDER = "lora"  # peft's adapter files for the LM live in this sub-folder of a checkpoint
 TRAINING_ARGS_FILE = "training_args.bin"
 
 
@@ -108,65 +108,22 @@ def trainable_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor
 
 def save_trainable_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """Writes `gill_adapter.safetensors` (the adapter checkpoint's tensors) and, when the LM holds
-    trainable (LoRA) tensors, `lora/backbone_trainable.safetensors`. No frozen backbone tensor."""
+    LoRA layers, `lora/` in peft's format. No frozen backbone tensor."""
     gill, backbone = trainable_state_dict(model)
     save_file(gill, os.path.join(folder, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     if backbone:
-        os.makedirs(os.path.join(folder, LORA_FOLDER), exist_ok=True)
-        save_file(backbone, os.path.join(folder, LORA_FOLDER, "backbone_trainable.safetensors"), metadata={"format": "pt"})
-        if getattr(model, "lora_config", None) is not None:
-            model.lora_config.save_pretrained(os.path.join(folder, LORA_FOLDER))
+        if set(backbone) != {n for n in backbone if ".lora_" in n}:
+            raise ValueError(f"Trainable backbone tensors other than LoRA cannot be saved in a GILL checkpoint: "
+                             f"{sorted(n for n in backbone if '.lora_' not in n)[:4]}.")
+        save_lora(model, folder)
 
 
 def load_trainable_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """Inverse of `save_trainable_weights`; strict (a missing or unexpected key is a `ValueError`)."""
     load_adapter_weights(model, os.path.join(folder, ADAPTER_WEIGHTS_NAME))
     _, expected = trainable_state_dict(model)
-    path = os.path.join(folder, LORA_FOLDER, "backbone_trainable.safetensors")
-    if not expected and not os.path.isfile(path):
-        return
-    if not os.path.isfile(path):
-        raise ValueError(f"{str(folder)!r} has no {LORA_FOLDER}/backbone_trainable.safetensors for the model's LoRA weights.")
-    state = load_file(path)
-    if set(state) != set(expected):
-        raise ValueError(f"{path!r} does not match the model's trainable backbone tensors: "
-                         f"missing {sorted(set(expected) - set(state))}, unexpected {sorted(set(state) - set(expected))}.")
-    model.load_state_dict(state, strict=False)
-
-
-def apply_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-               target_modules: list[str] | str | None = None):
-    """Injects LoRA adapters into the (frozen) LM in place with peft, keeping module names (so the
-    adapter checkpoint form still matches); only the LoRA tensors become trainable. Returns the
-    `LoraConfig`. The LM stays in eval mode under `model.train()`, so LoRA dropout is inactive."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or ["q_proj", "v_proj"])
-    inject_adapter_in_model(config, model.language_model)
-    model.lora_config = config
-    return config
-
-
-def load_lora(model: torch.nn.Module, folder: str | os.PathLike) -> bool:
-    """If `folder` holds a `lora/` adapter written by `GillTrainer`, injects the same LoRA layers
-    into `model`'s LM and loads every trainable tensor of the checkpoint. Returns whether it did."""
-    from peft import LoraConfig
-
-    lora_dir = os.path.join(folder, LORA_FOLDER)
-    if not os.path.isfile(os.path.join(lora_dir, "adapter_config.json")):
-        return False
-    config = LoraConfig.from_pretrained(lora_dir)
-    apply_lora(model, config.r, config.lora_alpha, config.lora_dropout, sorted(config.target_modules))
-    load_trainable_weights(model, folder)
-    return True
-
-
-def refuse_lora_checkpoint(folder: str | os.PathLike, command: str) -> None:
-    """For commands that load a checkpoint without its LoRA and save it again: refusing beats
-    silently dropping the `lora/` weights (and computing features the saved model would not give)."""
-    if os.path.isdir(os.path.join(folder, LORA_FOLDER)):
-        raise ValueError(f"{os.fspath(folder)!r} holds LoRA weights ({LORA_FOLDER}/); `{command}` takes models without "
-                         "LoRA only (the saved model would lose them).")
+    if expected and not load_lora(model, folder):
+        raise ValueError(f"{str(folder)!r} has no {LORA_FOLDER}/ for the model's LoRA weights.")
 
 
 def reference_lr_lambda(warmup_steps: int, step_size: int, gamma: float):
@@ -596,8 +553,6 @@ __all__ = [
     "GillTrainer",
     "GillTrainingArguments",
     "LOSS_KEYS",
-    "apply_lora",
-    "load_lora",
     "RescaleImgRowsCallback",
     "compute_gill_metrics",
     "load_trainable_weights",

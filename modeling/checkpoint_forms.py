@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.utils import cached_file
 from transformers.utils import logging as transformers_logging
 
-from .checkpointing import ADAPTER_WEIGHTS_NAME, load_adapter_weights, looks_like_a_local_path, save_adapter_weights
+from .checkpointing import (ADAPTER_WEIGHTS_NAME, BACKBONE_PREFIXES, load_adapter_weights, looks_like_a_local_path,
+                            save_adapter_weights)
 from .configuration_gill import GillConfig
 from .manifest import MANIFEST_NAME, load_consistently, read_manifest, save_folder, verify_folder
 from .tokens_gill import add_gill_tokens
@@ -104,12 +105,18 @@ class GillCheckpointMixin:
                 raise ValueError(
                     f"The adapter form needs `config.backbone_references` for {missing}; save with form='full' instead."
                 )
+        trainable_backbone = [n for n, p in self.named_parameters() if p.requires_grad and n.startswith(BACKBONE_PREFIXES)]
+        if form == "full" and trainable_backbone:
+            raise ValueError(f"`form='full'` cannot hold LoRA layers ({trainable_backbone[0]}, ...): save with form='adapter' "
+                             "(the LoRA tensors go to lora/ in peft's format).")
         with save_folder(save_directory) as staging:
             if form == "full":
                 super().save_pretrained(staging, **kwargs)
             else:
                 self.config.save_pretrained(staging)
                 save_adapter_weights(self, staging)
+                if self.adapter_extension_saver is not None:
+                    self.adapter_extension_saver(self, staging)
 
     def push_to_hub(self, repo_id: str, *, form: str | None = None, api=None, **kwargs) -> Any:
         r"""

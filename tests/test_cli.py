@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from test_training import one_thread  # noqa: F401 (autouse: one torch thread)
 from tiny_models import tiny_gill
 from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
@@ -16,7 +17,8 @@ from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
 from gill_hf import GillProcessor
 from gill_hf.cli import build_parser, main
 from gill_hf import GillForConditionalGeneration
-from gill_hf.training import LOSS_KEYS, GillTrainer, apply_lora, load_lora
+from gill_hf.lora import apply_lora, load_lora
+from gill_hf.training import LOSS_KEYS, GillTrainer, load_trainable_weights
 
 SUBJECTS = ["A dog", "The cat", "A red car", "Two birds", "An old man", "The small house", "A girl", "My friend"]
 PLACES = ["the park", "the beach"]
@@ -100,7 +102,8 @@ def test_lora_trains_only_lora_and_gill_weights_and_reloads(tmp_path):
 
     trainer.save_model(str(tmp_path / "saved"))
     reloaded = tiny_gill("llama", seed=0)
-    assert load_lora(reloaded, tmp_path / "saved")
+    assert load_lora(reloaded, tmp_path / "saved")  # the LoRA layers (peft's format) ...
+    load_trainable_weights(reloaded, tmp_path / "saved")  # ... and every trainable tensor
     model.eval()
     with torch.no_grad():
         a, b = model(**batch), reloaded(**batch)
@@ -114,6 +117,33 @@ def test_lora_trains_only_lora_and_gill_weights_and_reloads(tmp_path):
     assert any(".lora_" in n for n, _ in loaded.named_parameters())
     with torch.no_grad():
         assert torch.equal(loaded(**batch).text_logits, a.text_logits)
+
+    # peft reads the checkpoint's lora/ as its own: the base LM + that adapter is the GILL model's LM.
+    from peft import PeftModel
+
+    peft_lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "lm"), tmp_path / "saved" / "lora")
+    ids = torch.randint(4, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(peft_lm(input_ids=ids).logits, loaded.language_model(input_ids=ids).logits, atol=1e-6)
+
+    # The LoRA layers travel through the head commands and an adapter-form save.
+    loaded.config.backbone_references = {"text_model": {"path": str(tmp_path / "lm")}, "vision_model": {"path": str(tmp_path / "vision")}}
+    loaded.save_pretrained(tmp_path / "adapter", form="adapter")
+    tiny_processor_for(tmp_path).save_pretrained(tmp_path / "adapter")
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text("text\tdecision\n" + "".join(f"{s} at {p}\t{'generate' if i % 2 else 'retrieve'}\n"
+                                                   for i, (s, p) in enumerate((s, p) for s in SUBJECTS for p in PLACES)))
+    main(["train-decision", "--model_name_or_path", str(tmp_path / "adapter"), "--prompts", str(prompts),
+          "--output_dir", str(tmp_path / "decided"), "--steps", "3"])
+    decided = GillForConditionalGeneration.from_pretrained(tmp_path / "decided")
+    lora = {n: p for n, p in decided.named_parameters() if ".lora_" in n}
+    assert lora and all(torch.equal(p, dict(loaded.named_parameters())[n]) for n, p in lora.items())
+    with pytest.raises(ValueError, match="form='full'.*LoRA"):
+        decided.save_pretrained(tmp_path / "full", form="full")
+
+
+def tiny_processor_for(tmp_path):
+    return GillProcessor(image_processor=tiny_image_processor(), tokenizer=opt_like_tokenizer(tmp_path / "tok_lora"))
 
 
 def test_parser_wiring_and_console_script():
