@@ -75,7 +75,7 @@ def reference_style_step(model: GillForConditionalGeneration, batch: dict) -> to
     loss = 0.0
     # 1. captioning: visual prefix + caption.
     with torch.no_grad():
-        features = model.get_image_features(pixels)
+        features = model.get_image_features(pixels).pooler_output
     prefix = model.get_visual_prefix(image_features=features)
     out = model.language_model(inputs_embeds=torch.cat([prefix, tokens], 1), output_hidden_states=True)
     labels = torch.cat([torch.full(prefix.shape[:2], -100), ids], 1)
@@ -83,7 +83,7 @@ def reference_style_step(model: GillForConditionalGeneration, batch: dict) -> to
     # 2. retrieval and 3. generation: each its own vision pass and LM pass over caption + [IMG].
     for mode in ("retrieval", "generation"):
         with torch.no_grad():
-            features = model.get_image_features(pixels)
+            features = model.get_image_features(pixels).pooler_output
         out = model.language_model(inputs_embeds=tokens, output_hidden_states=True)
         hidden = out.hidden_states[-1]
         loss = loss + 0.5 * causal_lm_loss(model.compute_logits(hidden, out.logits), ids)
@@ -103,7 +103,7 @@ def reference_style_step(model: GillForConditionalGeneration, batch: dict) -> to
 def ours_step(model, batch, cached_features=None) -> torch.Tensor:
     if cached_features is None:
         with torch.no_grad():
-            features = model.get_image_features(batch["pixel_values"])
+            features = model.get_image_features(batch["pixel_values"]).pooler_output
     else:
         features = cached_features
     return model(input_ids=batch["input_ids"], image_features=features, gen_targets=batch["gen_targets"]).loss
@@ -129,7 +129,7 @@ def lm_vision_ratio(model, batch) -> float:
             t0 = time.perf_counter()
             model.language_model(inputs_embeds=model.embed_tokens(batch["input_ids"]))
             t1 = time.perf_counter()
-            model.get_image_features(batch["pixel_values"])
+            model.get_image_features(batch["pixel_values"]).pooler_output
             t2 = time.perf_counter()
     return (t2 - t1) / (t1 - t0)
 
@@ -154,7 +154,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         batch = {k: v.to(args.device) for k, v in make_batch(config, args.batch, generator).items()}
         with torch.no_grad():
-            cached = model.get_image_features(batch["pixel_values"])
+            cached = model.get_image_features(batch["pixel_values"]).pooler_output
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ratio = lm_vision_ratio(model, batch)
         timed = time_interleaved({

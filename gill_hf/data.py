@@ -402,7 +402,7 @@ def cache_image_features(dataset, model, processor, batch_size: int = 64, image_
         out = [None] * len(ok)
         if images:
             pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-            feats = iter(model.get_image_features(pixels).float().cpu().numpy())
+            feats = iter(model.get_image_features(pixels).pooler_output.float().cpu().numpy())
             out = [next(feats) if good else None for good in ok]
         bad["bad_image"] += ok.count(False)
         return {features_column: out}

@@ -98,6 +98,10 @@ class GillCheckpointMixin:
         """
         if form not in ("full", "adapter"):
             raise ValueError(f"`form` must be 'full' or 'adapter', got {form!r}.")
+        modified = getattr(self, "_backbone_modified_by", None)
+        if form == "adapter" and modified:
+            raise ValueError(f"`form='adapter'` cannot save this model: its LM was changed by `{modified}`, so no backbone "
+                             "reference names it any more; save with form='full'.")
         if form == "adapter":
             references = self.config.backbone_references or {}
             missing = [name for name in ("text_model", "vision_model") if not references.get(name)]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .checkpoint_forms import GillCheckpointMixin
 from .configuration_gill import GillConfig
@@ -28,7 +29,7 @@ from .training_passes import training_forward
 class GillPreTrainedModel(PreTrainedModel):
     config: GillConfig
     config_class = GillConfig
-    base_model_prefix = "gill"
+    base_model_prefix = "language_model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -165,8 +166,58 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replaces the LM's input embeddings. The LM then no longer matches its backbone reference:
+        the model saves in the full form (`form="adapter"` is refused)."""
+        self.language_model.set_input_embeddings(value)
+        self._mark_backbone_modified("set_input_embeddings")
+
     def get_output_embeddings(self) -> nn.Module | None:
         return None  # the LM keeps its own head; GILL adds [IMG] columns in `compute_logits`
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resizes the LM's embedding rows (and its head's, when untied) as transformers does; the
+        `[IMG]` rows still override their ids. The LM no longer matches its backbone reference: the
+        model saves in the full form (`form="adapter"` is refused)."""
+        embeddings = self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.config.text_config.vocab_size = embeddings.weight.shape[0]
+        if new_num_tokens is not None and (self.config.vocab_size or 0) < new_num_tokens:
+            self.config.vocab_size = new_num_tokens
+        self._mark_backbone_modified("resize_token_embeddings")
+        return embeddings
+
+    def _mark_backbone_modified(self, how: str) -> None:
+        self.config.backbone_references = None  # no reference names this LM any more
+        self._backbone_modified_by = how
+
+    # ----- gradient checkpointing ---------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recomputes each decoder layer of the LM in the backward pass instead of keeping its
+        activations. transformers checkpoints a layer only in training mode, and the frozen LM stays
+        in eval mode (dropout off), so GILL wraps the layers itself: non-reentrant checkpoints (the
+        gradient still reaches the visual prefix and the `[IMG]` rows through the frozen layers),
+        dropout still off, gradients unchanged."""
+        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for layer in self._decoder_layers():
+            if "_gill_uncheckpointed_forward" not in layer.__dict__:
+                layer._gill_uncheckpointed_forward = layer.forward
+                layer.forward = _CheckpointedForward(layer._gill_uncheckpointed_forward, options)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for layer in self._decoder_layers():
+            if "_gill_uncheckpointed_forward" in layer.__dict__:
+                layer.forward = layer.__dict__.pop("_gill_uncheckpointed_forward")
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any("_gill_uncheckpointed_forward" in layer.__dict__ for layer in self._decoder_layers())
+
+    def _decoder_layers(self) -> list[nn.Module]:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        return [m for m in self.language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     @property
     def img_token_ids(self) -> torch.LongTensor:
@@ -218,17 +269,20 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
 
     # ----- GILL heads ------------------------------------------------------------------------
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """The frozen vision tower's `pooler_output`, `(n_images, vision_hidden)`."""
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """The frozen vision tower's output (`BaseModelOutputWithPooling`, as transformers' vision-language
+        models return); GILL's heads read its `pooler_output`, `(n_images, vision_hidden)`. `kwargs`
+        (`output_hidden_states`, `output_attentions`) go to the vision tower."""
         if pixel_values.ndim != 4:
             raise ValueError(f"`pixel_values` must be (n_images, channels, height, width), got shape {tuple(pixel_values.shape)}.")
+        kwargs.pop("return_dict", None)  # always an output object
         dtype = next(self.vision_model.parameters()).dtype
-        return self.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
+        return self.vision_model(pixel_values=pixel_values.to(dtype), return_dict=True, **kwargs)
 
     def _image_features(self, pixel_values, image_features) -> torch.Tensor:
         if (pixel_values is None) == (image_features is None):
             raise ValueError("Pass exactly one of `pixel_values` and `image_features`.")
-        return self.get_image_features(pixel_values) if image_features is None else image_features
+        return self.get_image_features(pixel_values).pooler_output if image_features is None else image_features
 
     def get_visual_prefix(self, pixel_values=None, image_features=None) -> torch.Tensor:
         """Image -> `(n_images, num_visual_tokens, text_hidden)` LM input vectors."""
@@ -315,6 +369,9 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         - **decoding**: placeholders are replaced by the visual prefix of `pixel_values` and the LM
           runs once; returns [`GillCausalLMOutputWithPast`]. This is what `generate()` calls.
         """
+        if cache is None and kwargs.get("past_key_values") is not None:
+            cache = kwargs.pop("past_key_values")  # transformers' earlier name for the cache
+        kwargs.pop("past_key_values", None)
         training_inputs = (gen_targets, interleaved, paired, context_pixel_values, context_image_features)
         if self._is_decoding_call(input_ids, inputs_embeds, cache, use_cache, training_inputs):
             return self._decoding_forward(
@@ -369,8 +426,11 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
             if input_ids is None:
                 raise ValueError("Pass `input_ids` or `inputs_embeds`.")
             inputs_embeds = self.embed_prompt(input_ids, pixel_values, image_features)
-        output_hidden_states = kwargs.pop("output_hidden_states", False)
-        kwargs.pop("return_dict", None)  # outputs are always ModelOutputs
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = self.config.use_return_dict if return_dict is None else return_dict
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
         outputs, _ = self._run_lm(
             inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
@@ -380,19 +440,27 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
             last_hidden = last_hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             last_hidden = last_hidden[:, logits_to_keep]
-        return GillCausalLMOutputWithPast(
+        hidden_states = None
+        if isinstance(output_hidden_states, (list, tuple)):  # selected layers only
+            hidden_states = tuple(outputs.hidden_states[i] for i in output_hidden_states)
+        elif output_hidden_states:
+            hidden_states = outputs.hidden_states
+        output = GillCausalLMOutputWithPast(
             logits=self.compute_logits(last_hidden, outputs.logits),
             cache=getattr(outputs, "cache", None),
-            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            hidden_states=hidden_states,
             attentions=getattr(outputs, "attentions", None),
         )
+        return output if return_dict else output.to_tuple()
 
     # ----- training forward --------------------------------------------------------------------
 
     # ----- generation --------------------------------------------------------------------------
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_features=None, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_features=None, inputs_embeds=None,
+                                      is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds,
+                                                             is_first_iteration=is_first_iteration, **kwargs)
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_features"] = image_features
@@ -418,6 +486,19 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
             keep[self.img_token_ids[self.img_token_ids < lm_rows.shape[0]]] = False
             target = lm_rows[keep].float().norm(dim=-1).mean()
             rows.mul_((target / rows.float().norm(dim=-1, keepdim=True)).to(rows.dtype))
+
+
+class _CheckpointedForward:
+    """A decoder layer's forward, run under a non-reentrant activation checkpoint when gradients are
+    being recorded (plain otherwise)."""
+
+    def __init__(self, forward, options: dict):
+        self.forward, self.options = forward, options
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self.forward, *args, **self.options, **kwargs)
 
 
 __all__ = [
