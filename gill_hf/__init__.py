@@ -42,20 +42,22 @@ GillForConditionalGeneration.adapter_extension_loader = staticmethod(_load_lora_
 GillForConditionalGeneration.adapter_extension_saver = staticmethod(_save_lora_if_present)
 
 
-def _resolve_clip_image_processor_quietly() -> None:
+def _resolve_image_processors_quietly() -> None:
     # Without torchvision (which a CPU install must not have: its CUDA-only wheels break `import
-    # diffusers`), transformers falls back to `CLIPImageProcessorPil` and says "install torchvision" on
-    # first use; resolving the name once, quietly, keeps that contradicting hint off every load.
+    # diffusers`), transformers falls back to `<Model>ImageProcessorPil` and says "install torchvision"
+    # on first use; resolving the names GILL's parts use (CLIP; SigLIP, which diffusers' Stable
+    # Diffusion import touches) once, quietly, keeps that contradicting hint off every load.
     if importlib.util.find_spec("torchvision") is None:
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:
-            getattr(transformers, "CLIPImageProcessor")
+            for name in ("CLIPImageProcessor", "SiglipImageProcessor"):
+                getattr(transformers, name)
         finally:
             transformers.logging.set_verbosity(verbosity)
 
 
-_resolve_clip_image_processor_quietly()
+_resolve_image_processors_quietly()
 
 __version__ = "0.1.0"
 
