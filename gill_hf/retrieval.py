@@ -234,6 +234,16 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         best_indices = best_indices.masked_fill(best_scores == float("-inf"), -1)
         return (best_scores[0], best_indices[0]) if single else (best_scores, best_indices)
 
+    def to(self, *args, **kwargs):
+        """As `nn.Module.to`; a floating dtype also converts the stored embeddings (the pipeline's
+        `.to(dtype)` reaches the index like every other component)."""
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if dtype is not None and dtype.is_floating_point and dtype != self.embeddings.dtype:
+            self._check_embeddings_once()  # check the stored version before it is converted
+            self.embeddings = self.embeddings.to(dtype)
+            self._device_embeddings = None
+        return super().to(*args, **kwargs)
+
     def _check_embeddings_once(self) -> None:
         """The first full scan of loaded embeddings checks them: the file against its sha256 (read
         through the handle of the loaded version) and every row finite. Cheaper than it sounds: the
@@ -310,13 +320,15 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
 
     # ----- save / load --------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Writes `config.json`, `embeddings.safetensors` and `references.jsonl` (or the dataset as
-        an arrow table under `dataset/`) through the manifest primitive: a crash leaves the old
-        index or the new one, and files of the folder that are not the index's are never touched."""
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None,
+                        **kwargs) -> None:
+        """Writes `config.json`, `embeddings.safetensors` (`embeddings.<variant>.safetensors`) and
+        `references.jsonl` (or the dataset as an arrow table under `dataset/`) through the manifest
+        primitive: a crash leaves the old index or the new one, and files of the folder that are not
+        the index's are never touched. Embeddings are always safetensors."""
         with save_folder(save_directory) as staging:
             self.save_config(staging)
-            save_file({"embeddings": self.embeddings.contiguous()}, str(staging / EMBEDDINGS_NAME), metadata={"format": "pt"})
+            save_file({"embeddings": self.embeddings.contiguous()}, str(staging / _embeddings_name(variant)), metadata={"format": "pt"})
             if self.dataset is not None:
                 self.dataset.save_to_disk(str(staging / DATASET_DIR))
             with open(staging / REFERENCES_NAME, "w", encoding="utf-8") as f:
@@ -343,8 +355,11 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
             hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs}
             pretrained_model_name_or_path = snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs)
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
-        lazily_verified = lambda name: name == EMBEDDINGS_NAME or name.startswith(f"{DATASET_DIR}/")  # noqa: E731
-        index = load_consistently(folder, lambda manifest: cls._load_version(folder, manifest),
+        embeddings_name = _embeddings_name(kwargs.get("variant"))
+        if not (folder / embeddings_name).is_file() and (folder / EMBEDDINGS_NAME).is_file():
+            embeddings_name = EMBEDDINGS_NAME  # no such variant: the plain file, as diffusers falls back
+        lazily_verified = lambda name: name == embeddings_name or name.startswith(f"{DATASET_DIR}/")  # noqa: E731
+        index = load_consistently(folder, lambda manifest: cls._load_version(folder, manifest, embeddings_name),
                                   skip_digest=None if verify else lazily_verified)
         if verify:
             index._check_embeddings_once()
@@ -354,18 +369,18 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         return index
 
     @classmethod
-    def _load_version(cls, folder: Path, manifest: dict | None) -> GillRetrievalIndex:
-        for name in (cls.config_name, EMBEDDINGS_NAME, REFERENCES_NAME):
+    def _load_version(cls, folder: Path, manifest: dict | None, embeddings_name: str = EMBEDDINGS_NAME) -> GillRetrievalIndex:
+        for name in (cls.config_name, embeddings_name, REFERENCES_NAME):
             if not (folder / name).is_file():
                 raise ValueError(f"The retrieval index at {str(folder)!r} lacks {name!r}.")
         index = cls.from_config(cls.load_config(folder))
-        embeddings_handle = open(folder / EMBEDDINGS_NAME, "rb")
-        index.embeddings = _mmap_tensor(embeddings_handle, str(folder / EMBEDDINGS_NAME), "embeddings")
+        embeddings_handle = open(folder / embeddings_name, "rb")
+        index.embeddings = _mmap_tensor(embeddings_handle, str(folder / embeddings_name), "embeddings")
         index._embeddings_handle = embeddings_handle
-        expected = manifest["files"][EMBEDDINGS_NAME]["sha256"] if manifest and EMBEDDINGS_NAME in manifest["files"] else None
-        index._embeddings_check = (str(folder / EMBEDDINGS_NAME), expected)
+        expected = manifest["files"][embeddings_name]["sha256"] if manifest and embeddings_name in manifest["files"] else None
+        index._embeddings_check = (str(folder / embeddings_name), expected)
         if index.embeddings.ndim != 2 or index.embeddings.shape[1] != index.config.embedding_dim:
-            raise ValueError(f"{str(folder / EMBEDDINGS_NAME)!r} holds a tensor of shape {tuple(index.embeddings.shape)}, expected (n, {index.config.embedding_dim}).")
+            raise ValueError(f"{str(folder / embeddings_name)!r} holds a tensor of shape {tuple(index.embeddings.shape)}, expected (n, {index.config.embedding_dim}).")
         handle = open(folder / REFERENCES_NAME, "rb")
         raw = handle.read()
         count = raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
@@ -379,6 +394,10 @@ class GillRetrievalIndex(ModelMixin, ConfigMixin):
         else:
             index._references, index._references_handle = None, handle
         return index
+
+
+def _embeddings_name(variant: str | None) -> str:
+    return EMBEDDINGS_NAME if not variant else EMBEDDINGS_NAME.replace(".safetensors", f".{variant}.safetensors")
 
 
 def _parse_references(handle, count: int) -> list[str]:

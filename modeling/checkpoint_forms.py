@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.utils import cached_file
 from transformers.utils import logging as transformers_logging
 
-from .checkpointing import (ADAPTER_WEIGHTS_NAME, BACKBONE_PREFIXES, load_adapter_weights, looks_like_a_local_path,
+from .checkpointing import (BACKBONE_PREFIXES, adapter_weights_name, load_adapter_weights, looks_like_a_local_path,
                             save_adapter_weights)
 from .configuration_gill import GillConfig
 from .manifest import MANIFEST_NAME, load_consistently, read_manifest, save_folder, verify_folder
@@ -85,17 +85,25 @@ class GillCheckpointMixin:
         model.rescale_img_rows_()
         return model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, form: str = "full", **kwargs) -> None:
+    #: The form `save_pretrained` writes when none is named (a pipeline's save names the adapter form).
+    default_save_form = "full"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, form: str | None = None, safe_serialization: bool = True,
+                        variant: str | None = None, max_shard_size: int | str | None = None, **kwargs) -> None:
         r"""
         Saves in one of two forms through the manifest primitive (`gill_manifest.json`: each file's
         size and sha256, committed by one rename; files of the folder that this save does not
         write, other than the previous checkpoint's, are never touched; a crash leaves the old
         checkpoint or the new one):
 
-        - `"full"`: the standard self-contained checkpoint (backbones included);
+        - `"full"` (the default): the standard self-contained checkpoint (backbones included);
         - `"adapter"`: only GILL's tensors (`gill_adapter.safetensors`) + the config, whose
           `backbone_references` name the backbones that `from_pretrained` loads back.
+
+        `variant` names the weight files as transformers does (`gill_adapter.<variant>.safetensors`);
+        `safe_serialization` and `max_shard_size` apply to the full form.
         """
+        form = form or self.default_save_form
         if form not in ("full", "adapter"):
             raise ValueError(f"`form` must be 'full' or 'adapter', got {form!r}.")
         modified = getattr(self, "_backbone_modified_by", None)
@@ -115,10 +123,11 @@ class GillCheckpointMixin:
                              "(the LoRA tensors go to lora/ in peft's format).")
         with save_folder(save_directory) as staging:
             if form == "full":
-                super().save_pretrained(staging, **kwargs)
+                options = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+                super().save_pretrained(staging, safe_serialization=safe_serialization, variant=variant, **options, **kwargs)
             else:
                 self.config.save_pretrained(staging)
-                save_adapter_weights(self, staging)
+                save_adapter_weights(self, staging, variant)
                 if self.adapter_extension_saver is not None:
                     self.adapter_extension_saver(self, staging)
 
@@ -169,10 +178,11 @@ class GillCheckpointMixin:
     def _load_checkpoint(cls, pretrained_model_name_or_path, manifest, model_args, text_model, vision_model, kwargs, hub_kwargs):
         kwargs = dict(kwargs)
         with_info = kwargs.pop("output_loading_info", False)
+        adapter_name = adapter_weights_name(kwargs.get("variant"))
         adapter_file = None
-        if _in_checkpoint(manifest, ADAPTER_WEIGHTS_NAME):
+        if _in_checkpoint(manifest, adapter_name):
             adapter_file = cached_file(
-                pretrained_model_name_or_path, ADAPTER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+                pretrained_model_name_or_path, adapter_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
             )
         if "config" not in kwargs:
             _check_saved_config(pretrained_model_name_or_path, hub_kwargs)

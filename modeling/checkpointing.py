@@ -31,8 +31,13 @@ def gill_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_adapter_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    save_file(gill_state_dict(model), os.path.join(folder, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+def adapter_weights_name(variant: str | None = None) -> str:
+    """`gill_adapter.safetensors`, or `gill_adapter.<variant>.safetensors` (transformers' variant naming)."""
+    return ADAPTER_WEIGHTS_NAME if not variant else ADAPTER_WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
+
+
+def save_adapter_weights(model: torch.nn.Module, folder: str | os.PathLike, variant: str | None = None) -> None:
+    save_file(gill_state_dict(model), os.path.join(folder, adapter_weights_name(variant)), metadata={"format": "pt"})
 
 
 def load_adapter_weights(model: torch.nn.Module, weights_file: str | os.PathLike) -> None:
@@ -58,4 +63,4 @@ def load_adapter_weights(model: torch.nn.Module, weights_file: str | os.PathLike
     model.load_state_dict(state, strict=False)
 
 
-__all__ = ["ADAPTER_WEIGHTS_NAME", "BACKBONE_PREFIXES", "looks_like_a_local_path", "gill_state_dict", "load_adapter_weights", "save_adapter_weights"]
+__all__ = ["ADAPTER_WEIGHTS_NAME", "BACKBONE_PREFIXES", "adapter_weights_name", "looks_like_a_local_path", "gill_state_dict", "load_adapter_weights", "save_adapter_weights"]

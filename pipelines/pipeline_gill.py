@@ -7,19 +7,22 @@ Diffusion `prompt_embeds` that the UNet/VAE turn into images.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ModelMixin, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import register_to_config
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from gill_hf.modeling import GillForConditionalGeneration
@@ -30,8 +33,11 @@ from gill_hf.retrieval import GillRetrievalIndex
 from .decoding_gill import DECODING_MODES, DecodedRow, GillDecodingOptions, GillTokenIds, answer_text, gill_decode
 from .utils_gill import convert_image, encode_text, own_unaligned_memory
 
+logger = logging.get_logger(__name__)
+
 IMAGE_SOURCES = ("auto", "generated", "retrieved")
-OUTPUT_TYPES = ("pil", "np", "pt")
+PIPELINE_MODULE = "pipeline_gill"  # the module file a saved folder names beside the class
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -73,6 +79,31 @@ class GillUnconditionalEmbedding(ModelMixin, ConfigMixin):
         self.embeds = torch.nn.Parameter(torch.zeros(1, num_tokens, embedding_dim), requires_grad=False)
 
 
+def _variant_components(cls, folder: str | os.PathLike, kwargs: dict) -> dict:
+    """With `variant`, the components whose folders hold that variant's files, loaded with it (the
+    others load plain); diffusers' own variant scan cannot read folders such as `lora/` or `dataset/`.
+    Pops `variant` from `kwargs`."""
+    variant = kwargs.pop("variant", None)
+    if variant is None:
+        return {}
+    import importlib
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    loaded = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or name in kwargs:
+            continue
+        subfolder = Path(folder) / name
+        if not subfolder.is_dir() or not any(f".{variant}." in p.name for p in subfolder.iterdir()):
+            continue
+        component_cls = getattr(importlib.import_module(spec[0]), spec[1])
+        dtype = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
+        loaded[name] = component_cls.from_pretrained(str(subfolder), variant=variant, **dtype)
+    if not loaded:
+        raise ValueError(f"`variant={variant!r}`: no component of {os.fspath(folder)!r} has files of that variant.")
+    return loaded
+
+
 @dataclass
 class _Block:
     prompt: int
@@ -87,7 +118,7 @@ class _Block:
     generated_scores: torch.Tensor | None = None
 
 
-class GillPipeline(DiffusionPipeline):
+class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
     r"""
     GILL (Koh et al., 2023) as a diffusers pipeline.
 
@@ -126,10 +157,10 @@ class GillPipeline(DiffusionPipeline):
         default_guidance_scale: float = 7.5,
     ):
         super().__init__()
-        cross = unet.config.cross_attention_dim
-        if cross != gill_model.config.gen_emb_dim:
-            raise ValueError(f"The UNet's cross_attention_dim ({cross}) differs from the GILL model's gen_emb_dim ({gill_model.config.gen_emb_dim}).")
-        if retrieval_index is not None and retrieval_index.config.embedding_dim != gill_model.config.ret_emb_dim:
+        if unet is not None and gill_model is not None and unet.config.cross_attention_dim != gill_model.config.gen_emb_dim:
+            raise ValueError(f"The UNet's cross_attention_dim ({unet.config.cross_attention_dim}) differs from the GILL model's "
+                             f"gen_emb_dim ({gill_model.config.gen_emb_dim}).")
+        if retrieval_index is not None and gill_model is not None and retrieval_index.config.embedding_dim != gill_model.config.ret_emb_dim:
             raise ValueError(
                 f"The retrieval index holds {retrieval_index.config.embedding_dim}-d embeddings, the GILL model's ret_emb_dim is {gill_model.config.ret_emb_dim}."
             )
@@ -153,27 +184,63 @@ class GillPipeline(DiffusionPipeline):
         """Loads a saved pipeline; a repo id is first fetched with `snapshot_download` (diffusers
         cannot resolve GILL's component modules from a repo id), which also works offline from a
         seeded cache. The folder is verified against its `gill_manifest.json` and loaded as one
-        saved version (never a mixture of two saves)."""
+        saved version (never a mixture of two saves). `variant` loads each component's variant
+        files where it has them (the plain files elsewhere)."""
         if not os.path.isdir(pretrained_model_name_or_path):
             from huggingface_hub import snapshot_download
 
             hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
             pretrained_model_name_or_path = snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs)
         load = super().from_pretrained.__func__
-        pipe = load_consistently(pretrained_model_name_or_path, lambda manifest: load(cls, pretrained_model_name_or_path, **kwargs))
+
+        def load_version(manifest):
+            extra = _variant_components(cls, pretrained_model_name_or_path, kwargs)
+            return load(cls, pretrained_model_name_or_path, **{**kwargs, **extra})
+
+        pipe = load_consistently(pretrained_model_name_or_path, load_version)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 own_unaligned_memory(component)
         return pipe
 
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`, reading the `[module file, class]` form of `_class_name` that saved
+        folders carry (so plain `DiffusionPipeline.from_pretrained` finds this class) as this class."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config, dict) and isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][1]
+        return loaded
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Saves every component (diffusers' layout) as one version through the manifest primitive:
         a crash leaves the old pipeline or the new one, never a mixture that loads, and files of
-        the folder that are not the pipeline's are never touched."""
+        the folder that are not the pipeline's are never touched. The GILL model is saved in the
+        adapter form whenever its backbones have references (not a second copy of the LM).
+        `model_index.json` names the class as `["pipeline_gill", "GillPipeline"]` beside a two-line
+        `pipeline_gill.py` that imports it, so `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` finds it too."""
+        from gill_hf.hub import default_form
+
         if kwargs.get("push_to_hub"):
             raise ValueError("`push_to_hub=True` is not supported here: call `pipe.push_to_hub(repo_id)` (one commit, with a card).")
+        model = self.gill_model
         with save_folder(save_directory) as staging:
-            super().save_pretrained(staging, **kwargs)
+            if model is not None:
+                model.default_save_form = default_form(model.config)
+            try:
+                super().save_pretrained(staging, **kwargs)
+            finally:
+                if model is not None:
+                    del model.default_save_form
+            index = json.loads((staging / "model_index.json").read_text())
+            index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+            (staging / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (staging / f"{PIPELINE_MODULE}.py").write_text(
+                f'"""Loads `{type(self).__name__}` from the installed gill-hf package (pip install gill-hf)."""\n\n'
+                f"from gill_hf.pipelines import {type(self).__name__}  # noqa: F401\n"
+            )
 
     @classmethod
     def from_sd_and_gill(
@@ -358,7 +425,8 @@ class GillPipeline(DiffusionPipeline):
 
     def encode_negative_prompt(self, negative_prompt, negative_prompt_embeds, device, dtype) -> torch.Tensor:
         """The unconditional conditioning `(1 or n, num_clip_tokens, gen_emb_dim)`: given embeddings,
-        SD's encoding of `negative_prompt`, the stored encoding of `""`, or SD's encoding of `""`."""
+        SD's encoding of `negative_prompt`, the stored encoding of `""`, SD's encoding of `""`, or
+        (none of those components present) zeros."""
         config = self.gill_model.config
         if negative_prompt_embeds is not None:
             embeds = negative_prompt_embeds
@@ -368,8 +436,10 @@ class GillPipeline(DiffusionPipeline):
             embeds = self.unconditional_embedding.embeds
         elif self.text_encoder is not None and self.tokenizer is not None:
             embeds = encode_text(self.text_encoder, self.tokenizer, [""])
-        else:
-            raise ValueError("No unconditional embedding: the pipeline has neither a stored `unconditional_embedding` nor an SD text encoder; pass `negative_prompt_embeds`.")
+        else:  # an optional component is absent: zeros, as SDXL's `force_zeros_for_empty_prompt` does
+            logger.warning_once("The pipeline has no `unconditional_embedding` and no SD text encoder: classifier-free "
+                                "guidance uses zeros as the unconditional embedding (pass `negative_prompt_embeds` to choose).")
+            embeds = torch.zeros(1, config.num_clip_tokens, config.gen_emb_dim)
         if embeds.ndim != 3 or embeds.shape[1:] != (config.num_clip_tokens, config.gen_emb_dim):
             raise ValueError(f"`negative_prompt_embeds` must be (n, {config.num_clip_tokens}, {config.gen_emb_dim}), got {tuple(embeds.shape)}.")
         return embeds.to(device=device, dtype=dtype)
@@ -534,12 +604,19 @@ class GillPipeline(DiffusionPipeline):
             images = self._generate_images(
                 generate, generators, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
                 negative_prompt, negative_prompt_embeds, latents, callback_on_step_end, callback_on_step_end_tensor_inputs, device,
+                decode=output_type != "latent",
             )
-            self._rescore(generate, images, num_images_per_prompt, reference=decoding == "reference")
+            if output_type == "latent":  # no pixels to re-score: generated_scores stay NaN
+                for j, block in enumerate(generate):
+                    block.images = list(images[j * num_images_per_prompt : (j + 1) * num_images_per_prompt])
+            else:
+                self._rescore(generate, images, num_images_per_prompt, reference=decoding == "reference")
         for block in blocks:
             if block.source == "retrieved":
                 chosen = [int(i) for i in block.indices[:num_images_per_prompt] if i >= 0]
                 block.images = [self.retrieval_index.get_image(i) for i in chosen]
+                if output_type == "latent":
+                    block.images = [self._encode_latents(image, device) for image in block.images]
         self.maybe_free_model_hooks()
 
         # 4. Assemble, one entry per prompt.
@@ -549,9 +626,14 @@ class GillPipeline(DiffusionPipeline):
         # Every field in declaration order (`to_tuple` would drop the None ones and shift the rest).
         return tuple(getattr(output, name) for name in GillPipelineOutput.__dataclass_fields__)
 
+    def _encode_latents(self, image, device) -> torch.Tensor:
+        """A retrieved image as the decoder's latents (the VAE posterior's mean), for `output_type="latent"`."""
+        pixels = self.image_processor.preprocess(image).to(device=device, dtype=self.vae.dtype)
+        return (self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor)[0]
+
     def _generate_images(
         self, blocks, generators, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
-        negative_prompt, negative_prompt_embeds, latents, callback_on_step_end, callback_tensor_inputs, device,
+        negative_prompt, negative_prompt_embeds, latents, callback_on_step_end, callback_tensor_inputs, device, decode=True,
     ) -> torch.Tensor:
         dtype = self.unet.dtype
         prompt_embeds = torch.stack([b.prompt_embeds for b in blocks]).to(device=device, dtype=dtype)
@@ -573,14 +655,14 @@ class GillPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                cfg = self.do_classifier_free_guidance
+                cfg = self.do_classifier_free_guidance  # read each step: a callback may change `_guidance_scale`
                 model_input = torch.cat([latents] * 2) if cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 context = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
                 noise_pred = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
                 if cfg:
                     uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                    noise_pred = uncond + self.guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
@@ -592,6 +674,8 @@ class GillPipeline(DiffusionPipeline):
                     if not torch.isfinite(latents).all():
                         raise ValueError(f"`callback_on_step_end` returned latents with NaN or infinite values at step {i}.")
                 progress_bar.update()
+        if not decode:
+            return latents
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         image = self.run_safety_checker(image, device, prompt_embeds.dtype)
         return self.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * image.shape[0])

@@ -27,7 +27,10 @@ def encode_text(text_encoder, tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def convert_image(image, output_type: str):
-    """One image (a CHW float tensor in [0, 1] or a PIL image) in `output_type` form."""
+    """One image (a CHW float tensor in [0, 1] or a PIL image) in `output_type` form; with
+    `"latent"` the image already is the decoder's latents and is returned as it is."""
+    if output_type == "latent":
+        return image.detach().cpu()
     if isinstance(image, PIL.Image.Image):
         if output_type == "pil":
             return image

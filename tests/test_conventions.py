@@ -126,3 +126,91 @@ def test_loading_info_dtype_alias_image_features_prefix_and_generate_from_embedd
         from_embeds = model.generate(inputs_embeds=model.embed_tokens(ids), attention_mask=torch.ones_like(ids),
                                      max_new_tokens=4, do_sample=False)
     assert from_embeds[0].tolist() == from_ids[0, ids.shape[1]:].tolist()
+
+
+# ----- diffusers' common pipeline contracts ---------------------------------------------------------
+
+
+def _pipeline(tmp_path, **kwargs):
+    from test_pipeline import tiny_pipeline
+
+    return tiny_pipeline(tmp_path, **kwargs)
+
+
+CALL = dict(prompt="A dog runs", max_new_tokens=10, force_image=True, num_inference_steps=2, guidance_scale=2.0)
+
+
+def test_variants_save_and_load_every_component_incl_a_dataset_backed_index(tmp_path):
+    import datasets
+    import numpy as np
+    import PIL.Image
+
+    from gill_hf import GillPipeline, GillRetrievalIndex
+
+    images = datasets.Dataset.from_dict({"image": [PIL.Image.new("RGB", (8, 8), (30 * i, 0, 0)) for i in range(3)]})
+    index = GillRetrievalIndex.from_embeddings(torch.randn(3, 16), dataset=images)
+    pipe = _pipeline(tmp_path, retrieval_index=index)
+    pipe.save_pretrained(tmp_path / "p", variant="fp16")
+    names = {p.relative_to(tmp_path / "p").as_posix() for p in (tmp_path / "p").rglob("*") if p.is_file()}
+    assert {"unet/diffusion_pytorch_model.fp16.safetensors", "retrieval_index/embeddings.fp16.safetensors"} <= names
+    loaded = GillPipeline.from_pretrained(tmp_path / "p", variant="fp16")
+    loaded.set_progress_bar_config(disable=True)
+    a, b = pipe(generator=torch.Generator().manual_seed(0), output_type="np", image_source="generated", **CALL), \
+        loaded(generator=torch.Generator().manual_seed(0), output_type="np", image_source="generated", **CALL)
+    assert a.token_ids == b.token_ids and np.array_equal(a.images[0][0], b.images[0][0])
+    assert len(loaded.retrieval_index) == 3
+
+
+def test_optional_components_latent_output_guidance_callbacks_and_mixin(tmp_path):
+    pipe = _pipeline(tmp_path, with_text_encoder=False)
+    assert pipe.unconditional_embedding is None and pipe.text_encoder is None
+    out = pipe(generator=torch.Generator().manual_seed(0), output_type="latent", **CALL)  # guidance 2, zeros as uncond
+    latent = out.images[0][0]
+    assert latent.shape == (pipe.unet.config.in_channels, 8, 8)
+
+    def no_guidance_after_first_step(pipeline, step, timestep, kwargs):
+        pipeline._guidance_scale = 1.0
+        return kwargs
+
+    changed = pipe(generator=torch.Generator().manual_seed(0), output_type="latent",
+                   callback_on_step_end=no_guidance_after_first_step, **CALL).images[0][0]
+    assert not torch.equal(changed, latent)  # the loop reads the property a callback changed
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)  # StableDiffusionMixin
+    pipe.disable_freeu()
+    assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), output_type="latent", **CALL).images[0][0], latent)
+
+
+def test_plain_diffusion_pipeline_loads_a_saved_gill_pipeline_and_the_model_is_an_adapter(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from gill_hf import GillPipeline, GillRetrievalIndex
+
+    pipe = _pipeline(tmp_path, retrieval_index=GillRetrievalIndex.from_embeddings(torch.randn(3, 16), references=list("abc")))
+    model = pipe.gill_model
+    model.language_model.save_pretrained(tmp_path / "lm")
+    model.vision_model.save_pretrained(tmp_path / "vision")
+    model.config.backbone_references = {"text_model": {"path": str(tmp_path / "lm")}, "vision_model": {"path": str(tmp_path / "vision")}}
+    pipe.save_pretrained(tmp_path / "p")
+    assert (tmp_path / "p/gill_model/gill_adapter.safetensors").is_file() and not (tmp_path / "p/gill_model/model.safetensors").exists()
+    plain = DiffusionPipeline.from_pretrained(tmp_path / "p", trust_remote_code=True)
+    assert isinstance(plain, GillPipeline)
+    loaded = GillPipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.bfloat16)
+    assert loaded.retrieval_index.embeddings.dtype == torch.bfloat16
+    loaded.to(torch.float16)
+    assert loaded.retrieval_index.embeddings.dtype == torch.float16
+
+
+def test_every_committed_world_folder_loads_with_the_standard_classes_and_runs():
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPProcessor
+
+    from gill_hf.world.common import asset_path
+
+    sd = StableDiffusionPipeline.from_pretrained(str(asset_path("sd")))  # no dtype argument
+    sd.set_progress_bar_config(disable=True)
+    image = sd("a red circle in the center", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    clip, processor = CLIPModel.from_pretrained(str(asset_path("clip"))), CLIPProcessor.from_pretrained(str(asset_path("clip")))
+    inputs = processor(text=["a red circle"], images=[image], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.isfinite(clip(**inputs).logits_per_image).all()

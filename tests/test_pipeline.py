@@ -417,7 +417,7 @@ def test_stored_unconditional_embedding_is_sds_encoding_of_the_empty_prompt(tmp_
         (dict(prompt="A dog", force_image=True, max_new_tokens=8, min_word_tokens=2), ValueError, "force_image"),
         (dict(prompt="A dog", image_source="retrieved"), ValueError, "retrieval_index"),
         (dict(prompt="A dog", image_source="both"), ValueError, "image_source"),
-        (dict(prompt="A dog", output_type="latent"), ValueError, "output_type"),
+        (dict(prompt="A dog", output_type="latents"), ValueError, "output_type"),
         (dict(prompt="A dog", height=21), ValueError, "height"),
         (dict(prompt="A dog", decoding="fast"), ValueError, "decoding"),
         (dict(prompt="A dog", max_images=0), ValueError, "max_images"),
