@@ -11,7 +11,7 @@ import importlib.util
 import os
 
 import transformers
-from transformers import AutoConfig, AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from . import embedded  # registers the backbones shipped inside installed packages
 from .backbones import register_embedded_backbone, resolve_backbone
@@ -21,6 +21,7 @@ from .processing_gill import GillProcessor
 
 AutoConfig.register(GillConfig.model_type, GillConfig, exist_ok=True)
 AutoModel.register(GillConfig, GillForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(GillConfig, GillForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(GillConfig, GillProcessor, exist_ok=True)
 GillForConditionalGeneration.backbone_resolver = staticmethod(resolve_backbone)
 GillForConditionalGeneration.hub_pusher = staticmethod(push_to_hub)

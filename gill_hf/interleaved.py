@@ -67,37 +67,18 @@ def interleaved_example(segments: list[dict], target_caption: str, target_image:
             "target_image": image_segment(target_image)["image"] if target_image is not None else None}
 
 
-IMAGE_PLACEHOLDER = "<image>"
-
-
 def chat_segments(messages: list[dict], tokenizer, images: list, add_generation_prompt: bool = True) -> list[dict]:
     """A chat (`role` + `content`: a string, or items `{"type": "text", "text"}` / `{"type": "image"}`)
-    rendered through the LM's own chat template, as segments: each image item becomes an image
-    segment (the next of `images`), the template's text around it text segments. The same rendering
-    serves training examples, dialogue prompts and the chat demo."""
-    rendered, count = [], 0
-    for index, message in enumerate(messages):
-        content = message.get("content")
-        if isinstance(content, str):
-            text = content
-        elif isinstance(content, list):
-            parts = []
-            for item in content:
-                if item.get("type") == "image":
-                    parts.append(IMAGE_PLACEHOLDER)
-                    count += 1
-                elif item.get("type") == "text":
-                    parts.append(str(item.get("text", "")))
-                else:
-                    raise ValueError(f"`messages[{index}]` has a content item of type {item.get('type')!r}; expected text or image.")
-            text = " ".join(parts)
-        else:
-            raise TypeError(f"`messages[{index}]['content']` must be a str or a list of items.")
-        rendered.append({"role": message.get("role"), "content": text})
-    if count != len(images):
-        raise ValueError(f"The messages hold {count} image items but {len(images)} images were given.")
-    chat = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt)
-    segments, pieces = [], chat.split(IMAGE_PLACEHOLDER)
+    rendered through the LM's own chat template (`processing_gill.render_chat`, the rendering the
+    processor's `apply_chat_template` and the chat demo use), as segments: each image item becomes an
+    image segment (the next of `images`), the template's text around it text segments."""
+    from .processing_gill import IMAGE_PLACEHOLDER, render_chat
+
+    text, _ = render_chat(messages, tokenizer, add_generation_prompt=add_generation_prompt)
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(images):
+        raise ValueError(f"The messages hold {len(pieces) - 1} image items but {len(images)} images were given.")
+    segments = []
     for i, piece in enumerate(pieces):
         if piece:
             segments.append(text_segment(piece))

@@ -95,6 +95,44 @@ def _to_rgb_pil(image: ImageLike, name: str) -> PIL.Image.Image:
     raise TypeError(f"`{name}` is a {type(image).__name__}; expected {_EXPECTED_IMAGE}.")
 
 
+def render_chat(messages: list[dict], tokenizer, chat_template: str | None = None, add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> tuple[str, list]:
+    """Chat messages rendered through the LM's chat template: (text with an `<image>` placeholder per
+    image item, the images in order). The same rendering serves `GillProcessor.apply_chat_template`,
+    dialogue training examples and the chat demo. An image item holds its image (`"image"`: a PIL
+    image, array or tensor, or a local path; or `"path"`), or nothing (the caller supplies it)."""
+    rendered, images = [], []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise TypeError(f"`messages[{index}]` must be a dict with a 'role' and a 'content'.")
+        content = message.get("content")
+        if isinstance(content, str):
+            rendered.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise TypeError(f"`messages[{index}]['content']` must be a str or a list of items.")
+        parts = []
+        for item in content:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "image":
+                parts.append(IMAGE_PLACEHOLDER)
+                image = item.get("image", item.get("path"))
+                if isinstance(image, str):
+                    if image.startswith(("http://", "https://")):
+                        raise ValueError(f"`messages[{index}]` names an image by URL; pass the image or a local path (nothing is fetched).")
+                    image = PIL.Image.open(image)
+                images.append(image)
+            elif kind == "text":
+                parts.append(str(item.get("text", "")))
+            else:
+                raise ValueError(f"`messages[{index}]` has a content item of type {kind!r}; expected 'text' or 'image'.")
+        rendered.append({"role": message["role"], "content": " ".join(parts)})
+    options = {"chat_template": chat_template} if chat_template else {}
+    text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                         continue_final_message=continue_final_message, **options)
+    return text, images
+
+
 class GillProcessor(ProcessorMixin):
     r"""
     Constructs a GILL processor which wraps a CLIP image processor and a causal LM tokenizer into a single processor
@@ -311,6 +349,40 @@ class GillProcessor(ProcessorMixin):
         if images:
             data["context_pixel_values"] = self._pixel_values(images, return_tensors)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, tokenize: bool = False,
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            return_dict: bool = False, return_tensors: str | None = "pt", processor_kwargs: dict | None = None,
+                            **kwargs):
+        r"""
+        Renders chat messages through the LM's chat template. A message's `content` is a string or a
+        list of items `{"type": "text", "text": ...}` / `{"type": "image", "image": <PIL image or local
+        path>}` (also `"path"`); each image item becomes an `<image>` placeholder bound to that image.
+
+        Args:
+            conversation: a list of messages, or a list of such lists (a batch).
+            chat_template: a Jinja template (default: the processor's, else the tokenizer's).
+            tokenize: `False` returns the rendered text(s); `True` returns the processor's
+                [`BatchFeature`] (`input_ids`, `attention_mask`, `pixel_values`), or only `input_ids`
+                without `return_dict`.
+            add_generation_prompt, continue_final_message: as for tokenizers' `apply_chat_template`.
+            return_tensors, processor_kwargs: passed to the processor when tokenizing.
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        texts, images = [], []
+        for messages in (conversation if batched else [conversation]):
+            text, message_images = render_chat(messages, self.tokenizer, chat_template or self.chat_template,
+                                               add_generation_prompt, continue_final_message)
+            texts.append(text)
+            images.append(message_images)
+        if not tokenize:
+            return texts if batched else texts[0]
+        features = self(text=texts, images=images, return_tensors=return_tensors, **(processor_kwargs or {}))
+        return features if return_dict else features["input_ids"]
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """Decoded texts of generated sequences (what transformers' image-text-to-text pipeline reads)."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         r"""
@@ -553,4 +625,4 @@ class GillProcessor(ProcessorMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-__all__ = ["GillProcessor"]
+__all__ = ["GillProcessor", "render_chat"]

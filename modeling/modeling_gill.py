@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessor,
+                          LogitsProcessorList, PreTrainedModel)
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -129,6 +130,16 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         self.decision_head = GillDecisionHead(config) if config.decision_head_type else None
         self.post_init()
         self.freeze_backbones()
+        self.generation_config = self._plain_generation_config()
+
+    def _plain_generation_config(self) -> GenerationConfig:
+        """For `generate()` called directly (as transformers' pipelines do): the LM's special ids, and
+        `<|image|>` (a placeholder, never an answer) suppressed; `generate` adds the `[IMG]` block rule.
+        The GILL pipeline's own decoding sets every option itself."""
+        lm = getattr(self.language_model, "generation_config", None)
+        ids = {name: getattr(lm, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        suppressed = [self.config.image_token_id] if self.config.image_token_id is not None else []
+        return GenerationConfig(**{k: v for k, v in ids.items() if v is not None}, suppress_tokens=suppressed or None)
 
     # ----- structure -------------------------------------------------------------------------
 
@@ -470,6 +481,14 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
             model_inputs["inputs_embeds"] = self.embed_tokens(model_inputs.pop("input_ids"))
         return model_inputs
 
+    def generate(self, *args, logits_processor=None, **kwargs):
+        """`GenerationMixin.generate`. Called without logits processors (as transformers' pipelines
+        call it), it follows GILL's block rule: `[IMG0]` is followed by the whole `[IMG1..]` block, which
+        is never chosen otherwise (`GillBlockLogitsProcessor`); GILL's own decoding passes its own."""
+        if logits_processor is None:
+            logits_processor = LogitsProcessorList([GillBlockLogitsProcessor(self.config.img_token_ids)])
+        return super().generate(*args, logits_processor=logits_processor, **kwargs)
+
     def _holds_image_token(self, input_ids: torch.LongTensor | None) -> bool:
         image_token_id = self.config.image_token_id
         return input_ids is not None and image_token_id is not None and bool((input_ids == image_token_id).any())
@@ -486,6 +505,25 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
             keep[self.img_token_ids[self.img_token_ids < lm_rows.shape[0]]] = False
             target = lm_rows[keep].float().norm(dim=-1).mean()
             rows.mul_((target / rows.float().norm(dim=-1, keepdim=True)).to(rows.dtype))
+
+
+class GillBlockLogitsProcessor(LogitsProcessor):
+    """After `[IMGk]` (k < last) only `[IMGk+1]` can follow; elsewhere `[IMG1..]` cannot be chosen."""
+
+    def __init__(self, img_token_ids: list[int]):
+        self.img_token_ids = list(img_token_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids = torch.tensor(self.img_token_ids, device=scores.device)
+        scores = scores.clone()
+        scores[:, ids[1:]] = float("-inf")
+        if input_ids.shape[1] == 0:  # generation from embeddings: nothing generated yet
+            return scores
+        inside = (input_ids[:, -1:] == ids[:-1]).nonzero()
+        for row, k in inside.tolist():
+            scores[row] = float("-inf")
+            scores[row, ids[k + 1]] = 0.0
+        return scores
 
 
 class _CheckpointedForward:

@@ -214,3 +214,43 @@ def test_every_committed_world_folder_loads_with_the_standard_classes_and_runs()
     inputs = processor(text=["a red circle"], images=[image], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.isfinite(clip(**inputs).logits_per_image).all()
+
+
+# ----- chat messages with images, and transformers' image-text-to-text pipeline ------------------------
+
+
+def test_apply_chat_template_binds_image_items_to_placeholders(tmp_path):
+    import PIL.Image
+    from test_pipeline import tiny_processor
+
+    processor = tiny_processor(tmp_path)
+    processor.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    image = PIL.Image.new("RGB", (20, 20), "red")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "<user> <image> What is it?\n<assistant>"
+    batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    direct = processor(text=text, images=[image])
+    assert torch.equal(batch["input_ids"], direct["input_ids"]) and torch.equal(batch["pixel_values"], direct["pixel_values"])
+    with pytest.raises(ValueError, match="URL"):
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "image", "url": "x", "image": "https://x/y.png"}]}])
+
+
+def test_transformers_image_text_to_text_pipeline_matches_greedy_gill_pipeline():
+    from gill_hf.world.gill_tiny import GILL_TINY_DIR, load_gill_tiny_pipeline
+
+    if not (GILL_TINY_DIR / "gill_adapter.safetensors").is_file():
+        pytest.skip("GILL-tiny is not shipped in this checkout")
+    import transformers
+
+    from gill_hf.world.data import sample_example
+    from gill_hf.world.render import render_scene
+
+    gill = load_gill_tiny_pipeline(retrieval=False)
+    image = render_scene(sample_example(90_000, "validation", 0, num_objects=1)[0])
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is in this picture?"}]}]
+    pipe = transformers.pipeline("image-text-to-text", model=gill.gill_model, processor=gill.processor)
+    answer = pipe(text=messages, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
+    prompt = gill.processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = gill(prompt=prompt, prompt_images=[image], max_new_tokens=16, image_source="generated", num_inference_steps=1)
+    assert answer.strip() == expected.text[0].strip() and answer.strip()
