@@ -216,7 +216,7 @@ def test_obelics_and_mmc4_readers_never_fetch(tmp_path):
 
 def test_chat_segments_render_the_template_around_images():
     class Template:
-        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt, continue_final_message=False):
             return "".join(f"<{m['role']}>{m['content']}</s>" for m in messages) + ("<assistant>" if add_generation_prompt else "")
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},

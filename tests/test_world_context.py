@@ -14,7 +14,7 @@ from gill_hf.world.render import HELDOUT_PAIRS
 class Template:
     """A stand-in chat template (the world renders dialogues with the LM's own)."""
 
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt, continue_final_message=False):
         return "".join(f"<{m['role']}> {m['content']} </{m['role']}>" for m in messages) + " <assistant>"
 
 
