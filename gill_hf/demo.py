@@ -85,12 +85,18 @@ def _generators(seed: int, n: int):
 
 
 class _Progress:
+    """A tqdm bar over the demo's steps, with one line per finished step above it."""
+
     def __init__(self, total: int):
-        self.total, self.done, self.start = total, 0, time.time()
+        from tqdm.auto import tqdm
+
+        self.bar, self.start = tqdm(total=total, desc="GILL-tiny demo", unit="section"), time.time()
 
     def step(self, what: str) -> None:
-        self.done += 1
-        print(f"[demo {self.done}/{self.total} | {time.time() - self.start:5.1f} s] {what}", flush=True)
+        self.bar.update(1)
+        self.bar.write(f"[demo {self.bar.n}/{self.bar.total} | {time.time() - self.start:5.1f} s] {what}")
+        if self.bar.n == self.bar.total:
+            self.bar.close()
 
 
 # ----- the sections ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ cached passes; when a block ends the answer, one extra cached step feeds its las
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -227,13 +227,15 @@ class GillStoppingCriteria(StoppingCriteria):
     """Stops each row when the decoding state says it is finished (EOS in default mode, the token
     or step budget, one extra step after a block that ends the answer)."""
 
-    def __init__(self, state: GillDecodingState):
-        self.state = state
+    def __init__(self, state: GillDecodingState, on_step: Callable[[], None] | None = None):
+        self.state, self.on_step = state, on_step
         # generate pads finished rows only when some criterion carries an `eos_token_id`.
         self.eos_token_id = state.ids.pad_token_id
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         self.state.update(input_ids)
+        if self.on_step is not None:
+            self.on_step()
         return torch.tensor([row.finished for row in self.state.rows], device=input_ids.device)
 
 
@@ -265,9 +267,11 @@ def gill_decode(
     options: GillDecodingOptions,
     ids: GillTokenIds,
     generators: Sequence[torch.Generator | None],
+    on_step: Callable[[], None] | None = None,
 ) -> list[DecodedRow]:
     """KV-cached GILL decoding of a left-padded batch; returns each row's answer and the hidden
-    states of its `[IMG]` blocks (read from the cached passes, the layer in `text_emb_layers`)."""
+    states of its `[IMG]` blocks (read from the cached passes, the layer in `text_emb_layers`).
+    `on_step` is called after each decoding step (a progress bar)."""
     batch, prompt_length = input_ids.shape
     n_img = len(ids.img_token_ids)
     state = GillDecodingState(batch, prompt_length, options, ids)
@@ -287,7 +291,7 @@ def gill_decode(
             position_ids=position_ids,
             generation_config=generation_config,
             logits_processor=LogitsProcessorList([GillLogitsProcessor(state, model.logits_width), GillRowSampler(state, generators)]),
-            stopping_criteria=StoppingCriteriaList([GillStoppingCriteria(state)]),
+            stopping_criteria=StoppingCriteriaList([GillStoppingCriteria(state, on_step)]),
         )
     state.update(out.sequences)
     layer = model.config.text_emb_layers[0]

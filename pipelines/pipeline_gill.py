@@ -24,6 +24,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from gill_hf.modeling import GillForConditionalGeneration
 from gill_hf.modeling.manifest import load_consistently, save_folder
@@ -409,10 +410,13 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         elif len(generators) != batch:
             raise ValueError(f"`generator` is a list of {len(generators)} generators for {batch} prompts; pass one per prompt.")
         pixel_values = inputs.get("pixel_values")
-        rows = gill_decode(
-            self.gill_model, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
-            None if pixel_values is None else pixel_values.to(device), options, self._token_ids(), generators,
-        )
+        steps = options.max_new_tokens + 1
+        with tqdm(total=steps, desc="GILL decoding", leave=False, **getattr(self, "_progress_bar_config", {})) as bar:
+            rows = gill_decode(
+                self.gill_model, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
+                None if pixel_values is None else pixel_values.to(device), options, self._token_ids(), generators,
+                on_step=lambda: bar.update(1) if bar.n < steps else None,
+            )
         hidden = [row.img_hidden_states for row in rows]
         owners = [i for i, h in enumerate(hidden) for _ in range(h.shape[0])]
         blocks = []

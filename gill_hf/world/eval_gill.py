@@ -31,11 +31,12 @@ ROW_GROUPS = ("text-to-image", "stories", "image+text", "image-to-text", "retrie
 
 
 def _batched_images(draw, items, args, seed: int) -> list:
-    """`draw(batch, generators)` over `items` in batches, one seeded generator per item."""
+    """`draw(batch, generators)` over `items` in batches, one seeded generator per item (a progress bar)."""
     import torch
+    from tqdm.auto import tqdm
 
     out = []
-    for start in range(0, len(items), args.batch_size):
+    for start in tqdm(range(0, len(items), args.batch_size), desc="eval-world batches", leave=False):
         batch = items[start:start + args.batch_size]
         out += draw(batch, [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))])
     return out
@@ -68,6 +69,7 @@ def evaluate_world(args) -> dict:
         torch.set_num_threads(args.threads)
     start = time.time()
     pipe = load_gill_tiny_pipeline(args.model, args.sd)
+    pipe.set_progress_bar_config(disable=True)  # one bar over the batches instead of two per call
     dataset = pipe.retrieval_index.dataset
     groups = set(args.rows or ROW_GROUPS)
     sd = judge = None

@@ -304,7 +304,7 @@ def load_gill_tiny_pipeline(model_path: str | os.PathLike | None = None, sd_path
     # The settings the world SD was evaluated at (its card): 25 DDIM steps, guidance 4.
     pipe = GillPipeline.from_sd_and_gill(str(sd_path), model, processor, retrieval_index=index, dtype=torch.float32,
                                          default_num_inference_steps=SD_STEPS, default_guidance_scale=SD_GUIDANCE)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(leave=False)  # the pipeline's own bars, gone once a call returns
     return pipe
 
 
