@@ -652,8 +652,10 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(blocks, generators, num_images_per_prompt, height, width, prompt_embeds.dtype, device, latents)
-        # The scheduler's step noise (DDPM, ancestral samplers) follows the first block's generator.
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generators[blocks[0].prompt], 0.0)
+        # The scheduler's step noise (DDPM, ancestral samplers): each image's row from its prompt's generator,
+        # so a prompt draws the same noise in a batch as alone.
+        row_generators = [generators[b.prompt] for b in blocks for _ in range(num_images_per_prompt)]
+        extra_step_kwargs = self.prepare_extra_step_kwargs(row_generators if any(row_generators) else None, 0.0)
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):

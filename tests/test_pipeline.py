@@ -448,3 +448,18 @@ def test_components_must_agree(tmp_path):
     with pytest.raises(ValueError, match="cross_attention_dim"):
         GillPipeline(gill_model=tiny_gill("opt", gen_emb_dim=12), processor=tiny_processor(tmp_path), vae=tiny_vae(),
                      unet=tiny_unet(), scheduler=DDIMScheduler())
+
+
+def test_a_batch_draws_each_prompts_noise_from_its_own_generator(tmp_path):
+    """With a noisy sampler (DDPM: fresh noise at every step), a batch equals each prompt run alone."""
+    from diffusers import DDPMScheduler
+
+    pipe = tiny_pipeline(tmp_path)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prompts = ["A dog runs across the park", "Two birds"]
+    settings = dict(max_new_tokens=10, force_image=True, num_inference_steps=3, guidance_scale=2.0, output_type="np")
+    batched = pipe(prompt=prompts, generator=seeded(3, 4), **settings)
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt=prompt, generator=seeded(3 + i)[0], **settings)
+        assert alone.token_ids[0] == batched.token_ids[i]
+        assert np.abs(alone.images[0][0] - batched.images[i][0]).max() <= 1 / 255
