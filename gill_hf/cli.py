@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     ("gill_hf.world.gill_tiny", "register", None),
     ("gill_hf.world.eval_gill", "register", None),
     ("gill_hf.demo", "register", None),
+    ("gill_hf.serve", "register", None),
     ("gill_hf.convert_original", "register", None),
 )
 
