@@ -7,6 +7,7 @@ function; this file only wires them together. Every command sets `func(namespace
     gill-hf convert-original ORIGINAL_DIR OUTPUT_DIR --text-model ... --vision-model ...
     gill-hf demo --output-dir out/demo
     gill-hf eval-world
+    gill-hf eval {vist,visdial} DATA_DIR --clip CLIP --output-dir OUT
     gill-hf gill-tiny {prepare,command,train,train-retrieval,decision,ship,export}
     gill-hf world {generate,train-judge,train-clip,train-vae,train-unet,evaluate}
 """
@@ -22,6 +23,8 @@ import sys
 # one word (`gill-hf world generate ...`); None adds them at the top level.
 COMMAND_MODULES = (
     ("gill_hf.world.cli", "register_world_commands", "world"),
+    ("gill_hf.eval_vist", "register", "eval"),
+    ("gill_hf.eval_visdial", "register", "eval"),
     ("gill_hf.world.gill_tiny", "register", None),
     ("gill_hf.world.eval_gill", "register", None),
     ("gill_hf.demo", "register", None),
@@ -83,13 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     register_decision_command(subparsers)
     register_retrieval_command(subparsers)
     register_data_commands(subparsers)
+    groups: dict[str, argparse._SubParsersAction] = {}
     for module_name, function_name, group in COMMAND_MODULES:
         register = getattr(importlib.import_module(module_name), function_name)
         if group is None:
             register(subparsers)
-        else:
-            nested = subparsers.add_parser(group, help=f"{group} commands ({module_name}).")
-            register(nested.add_subparsers(dest=f"{group}_command", required=True))
+            continue
+        if group not in groups:  # one nested parser per group, shared by its modules
+            nested = subparsers.add_parser(group, help=f"{group} commands.")
+            groups[group] = nested.add_subparsers(dest=f"{group}_command", required=True)
+        register(groups[group])
     return parser
 
 

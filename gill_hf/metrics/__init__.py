@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from .functional import generation_l2, macro_f1, recall_at_k, retrieval_metrics
+from .functional import (frechet_distance, generation_l2, macro_f1, paired_cosine, recall_at_k, recall_from_ranks,
+                         retrieval_metrics, retrieval_ranks)
 
 METRICS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,4 +29,5 @@ def available_metrics() -> list[str]:
     return [d for d in os.listdir(METRICS_DIR) if os.path.isfile(os.path.join(METRICS_DIR, d, f"{d}.py"))]
 
 
-__all__ = ["available_metrics", "generation_l2", "macro_f1", "metric_path", "recall_at_k", "retrieval_metrics"]
+__all__ = ["available_metrics", "frechet_distance", "generation_l2", "macro_f1", "metric_path", "paired_cosine", "recall_at_k",
+           "recall_from_ranks", "retrieval_metrics", "retrieval_ranks"]

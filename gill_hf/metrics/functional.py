@@ -48,3 +48,37 @@ def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int =
             continue
         scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores) if scores else 0.0
+
+
+def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of row i of `a` with row i of `b` (e.g. CLIP embeddings of a generated and
+    the real image: the paper's VIST / VisDial generation metric)."""
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"Expected two paired (n, dim) tensors, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
+
+
+def retrieval_ranks(queries: torch.Tensor, pool: torch.Tensor, targets: list[int] | torch.Tensor) -> torch.Tensor:
+    """0-based rank of each query's target among the pool by cosine similarity (ties count against
+    the query, as in `recall_at_k`)."""
+    similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(pool.float(), dim=-1).T
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    correct = similarity.gather(1, targets[:, None])
+    return (similarity >= correct).sum(dim=1) - 1
+
+
+def recall_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    return {f"r@{k}": (ranks < k).float().mean().item() for k in ks}
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (FID when the features are
+    Inception-v3 pool features): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2). The square root's
+    trace is the sum of the square roots of the eigenvalues of S_a S_b."""
+    a, b = features_a.double(), features_b.double()
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"Expected two (n >= 2, dim) feature sets of one width, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # torch.cov of one feature is 0-d
+    eigenvalues = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0)
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * eigenvalues.sqrt().sum()).item()

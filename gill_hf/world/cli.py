@@ -51,6 +51,12 @@ def _train_unet(a: argparse.Namespace) -> None:
                      max_minutes=a.max_minutes, cooldown_steps=a.cooldown_steps))
 
 
+def _export_vist(a: argparse.Namespace) -> None:
+    from .vist_export import export_world_vist
+
+    print(export_world_vist(a.output_dir, a.num_stories, a.split, a.seed))
+
+
 def _evaluate(a: argparse.Namespace) -> None:
     from .evaluate import evaluate_all
 
@@ -103,6 +109,13 @@ def register_world_commands(subparsers) -> None:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (and save) after this much wall time; the card records the steps")
     p.set_defaults(func=_train_unet)
+
+    p = subparsers.add_parser("export-vist", help="world stories as a VIST dataset (SIS json + images) for `gill-hf eval vist`")
+    p.add_argument("output_dir")
+    p.add_argument("--num-stories", type=int, default=200)
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_export_vist)
 
     p = subparsers.add_parser("evaluate", help="measure the shipped models' acceptance metrics")
     _common(p)

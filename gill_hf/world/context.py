@@ -140,6 +140,24 @@ def _single_change(rng, test, kind) -> tuple[list, WorldObject]:
     return [("text", text)], final
 
 
+CHANGE_KINDS = {"colour": "recolour", "size": "resize", "position": "move", "shape": "reshape"}
+
+
+def story_frames(rng: random.Random, num_frames: int = 5, test: bool = False) -> list[tuple[str, WorldObject]]:
+    """A story of `num_frames` sentences, each with the object it leaves: the first introduces an
+    object, each next changes one attribute of "it" (never the one changed just before). Every
+    frame after the first is ambiguous alone; the whole story fixes it."""
+    obj = _object(rng)
+    frames = [(_phrase(rng, "intro", test, **_words(rng, obj)), obj)]
+    last = None
+    for _ in range(num_frames - 1):
+        attribute = rng.choice([a for a in CHANGE_KINDS if a != last])
+        new = _changed(rng, obj, attribute)
+        frames.append((_phrase(rng, CHANGE_KINDS[attribute], test, **_words(rng, new, obj)), new))
+        obj, last = new, attribute
+    return frames
+
+
 def _story(rng: random.Random, kind: str, test: bool) -> tuple[list, WorldObject]:
     if kind in ("recolour", "resize", "move", "reshape"):
         return _single_change(rng, test, kind)
@@ -283,4 +301,4 @@ def generate_context_dataset(n: int, split: str = "train", seed: int = 0, chat_t
 
 
 __all__ = ["IMAGE_KINDS", "SPLITS", "STORY_KINDS", "TEST_KINDS", "TEST_ONLY_KINDS", "TRAIN_KINDS", "exact_caption",
-           "generate_context_dataset", "sample_context_example", "to_row"]
+           "generate_context_dataset", "sample_context_example", "story_frames", "to_row"]
