@@ -411,7 +411,8 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError(f"`generator` is a list of {len(generators)} generators for {batch} prompts; pass one per prompt.")
         pixel_values = inputs.get("pixel_values")
         steps = options.max_new_tokens + 1
-        with tqdm(total=steps, desc="GILL decoding", leave=False, **getattr(self, "_progress_bar_config", {})) as bar:
+        bar_config = {"leave": False, **getattr(self, "_progress_bar_config", {})}  # a user's config wins
+        with tqdm(total=steps, desc="GILL decoding", **bar_config) as bar:
             rows = gill_decode(
                 self.gill_model, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
                 None if pixel_values is None else pixel_values.to(device), options, self._token_ids(), generators,

@@ -281,6 +281,7 @@ def test_sampling_is_reproducible_with_the_same_generator_and_differs_with_anoth
 
 def test_force_image_max_images_and_size(tmp_path):
     pipe = tiny_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True, leave=False)  # a user's bar settings reach GILL's decoding bar too
     out = pipe(prompt=["A dog", "Two birds sit"], max_new_tokens=30, gen_scale_factor=1e5, max_images=2,
                force_image=True, height=24, width=16, **FAST)
     for blocks_text, imgs, sources in zip(out.text, out.images, out.image_sources):
