@@ -360,9 +360,11 @@ def _fingerprint_kwargs(dataset, module: torch.nn.Module, *extra: str) -> dict:
 
 
 @torch.no_grad()
-def encode_captions_for_sd(captions: list[str], text_encoder, tokenizer) -> torch.Tensor:
+def encode_captions_for_sd(captions: str | Sequence[str], text_encoder, tokenizer) -> torch.Tensor:
     """SD's prompt encoding as the reference's preprocessing: pad/truncate to the tokenizer's
-    `model_max_length` (77), no attention mask, `last_hidden_state`."""
+    `model_max_length` (77), no attention mask, `last_hidden_state`. `captions`: a str or any sequence of
+    str (a `datasets` column too)."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
     tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
     device = next(text_encoder.parameters()).device
     return text_encoder(tokens.input_ids.to(device)).last_hidden_state

@@ -256,7 +256,8 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--pipeline", default=None, help="A saved GillPipeline folder (default: GILL-tiny).")
     parser.add_argument("--sd", default=None, help="The decoder's own Stable Diffusion folder for the text-only baseline "
                                                    "(default: GILL-tiny's world SD).")
-    parser.add_argument("--clip", required=True, help="CLIP checkpoint folder scoring image similarity (the paper: ViT-L/14).")
+    parser.add_argument("--clip", required=True, help="CLIP checkpoint (folder or repo id) scoring image similarity (the "
+                                                      "paper: openai/clip-vit-large-patch14); `world`: the embedded world CLIP.")
     parser.add_argument("--output-dir", required=True, help="results.json, examples.jsonl and images/ (a rerun continues).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=None, help="Diffusion steps (default: the pipeline's).")
@@ -271,7 +272,7 @@ def load_systems(args):
     """(GILL pipeline, text-only baseline pipeline, CLIP scorer) for a run."""
     from diffusers import StableDiffusionPipeline
 
-    from .world.gill_tiny import SD_DIR, load_gill_tiny_pipeline
+    from .world.gill_tiny import CLIP_DIR, SD_DIR, load_gill_tiny_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -285,7 +286,7 @@ def load_systems(args):
     baseline = StableDiffusionPipeline.from_pretrained(args.sd or str(SD_DIR), safety_checker=None, feature_extractor=None,
                                                        requires_safety_checker=False)
     baseline.set_progress_bar_config(disable=True)
-    return pipe, baseline, ClipScorer(args.clip)
+    return pipe, baseline, ClipScorer(CLIP_DIR if args.clip == "world" else args.clip)
 
 
 def run_benchmark(args, name: str, cases: list[EvalCase], pool: dict[str, PIL.Image.Image | Path], skipped: dict,

@@ -1,6 +1,7 @@
 """Processor class for GILL: one tokenizer plus one CLIP image processor, with interleaved prompts."""
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
@@ -287,7 +288,10 @@ class GillProcessor(ProcessorMixin):
         if isinstance(captions, str):
             captions = [captions]
             images = [images] if _is_image(images) else images
-        if not isinstance(captions, (list, tuple)) or not captions:
+        elif isinstance(captions, Sequence):  # e.g. a `datasets` column
+            captions = list(captions)
+            images = list(images) if isinstance(images, Sequence) and not _is_image(images) else images
+        if not isinstance(captions, list) or not captions:
             raise ValueError(f"`captions` must be a str or a non-empty list of str, got {captions!r}.")
         # Room for at least one caption token (the BOS, for most tokenizers) before the [IMG] block.
         _check_positive_int("max_length", max_length, minimum=self.num_img_tokens + 1)

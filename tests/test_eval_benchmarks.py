@@ -229,12 +229,11 @@ def test_a_run_resumes_where_it_stopped_and_reports_seed_spread(tmp_path):
 def test_world_vist_runs_end_to_end(tmp_path):
     """`gill-hf world export-vist` then `gill-hf eval vist` on GILL-tiny with 2 stories, 2 diffusion steps."""
     from gill_hf.cli import main
-    from gill_hf.world.gill_tiny import CLIP_DIR
 
     main(["world", "export-vist", str(tmp_path / "vist"), "--num-stories", "2"])
     cases, pool, skipped = vist_cases(tmp_path / "vist")
     assert len(cases) == 6 and len(pool) == 10 and not skipped
-    main(["eval", "vist", str(tmp_path / "vist"), "--clip", str(CLIP_DIR), "--output-dir", str(tmp_path / "out"),
+    main(["eval", "vist", str(tmp_path / "vist"), "--clip", "world", "--output-dir", str(tmp_path / "out"),
           "--steps", "2", "--batch-size", "6"])
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     assert {(r["setting"], r["system"]) for r in table} == {(s, system) for s in SETTINGS for system in ("gill", "baseline")} | {

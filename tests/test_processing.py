@@ -250,6 +250,12 @@ def test_truncation_never_cuts_inside_a_visual_run(processor):
     out = processor(prompts, max_length=len(tail) + 4, truncation=True)
     assert out.input_ids[0].tolist() == visual(processor) + tail
     torch.testing.assert_close(out.pixel_values, pixels_of(processor, RED, GREEN))
+    # `datasets` columns (sequences, not lists) give the same rows
+    import datasets
+
+    columns = datasets.Dataset.from_dict({"caption": ["A dog.", "Two birds."], "image": [RED, GREEN]})
+    from_columns = processor.build_training_inputs(columns["caption"], images=columns["image"], max_length=16)
+    assert from_columns.input_ids.tolist() == out.input_ids.tolist()
 
 
 def test_truncation_that_leaves_nothing_is_an_error(processor):
