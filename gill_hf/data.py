@@ -78,6 +78,18 @@ def _load_target(value: Any, num_clip_tokens: int | None, gen_emb_dim: int | Non
     return target
 
 
+def _load_pooled_target(value: Any, pooled_emb_dim: int) -> torch.Tensor:
+    """A pooled target (the decoder's pooled vector of the caption) -> float tensor `(pooled_emb_dim,)`."""
+    if value is None:
+        raise ValueError("the example has no pooled generation target")
+    target = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    if target.shape != (pooled_emb_dim,):
+        raise ValueError(f"a pooled generation target must be ({pooled_emb_dim},), got {tuple(target.shape)}")
+    if not torch.isfinite(target).all():
+        raise ValueError("the pooled generation target holds NaN or infinite values")
+    return target
+
+
 @dataclass
 class _Row:
     """One example as the collator keeps it: a caption row or an interleaved row."""
@@ -87,6 +99,7 @@ class _Row:
     image: Any = None  # the paired image (a caption's image, an interleaved example's target), or None
     feature: torch.Tensor | None = None  # its cached vision features (caption rows)
     target: torch.Tensor | None = None
+    pooled_target: torch.Tensor | None = None  # decoders with a pooled vector (SDXL, SD3)
 
 
 class GillDataCollator:
@@ -103,7 +116,8 @@ class GillDataCollator:
       tokens), flagged in `interleaved`. Cached vision features are for caption-only batches.
 
     Either kind may carry a generation target (`target_column`: an array, or `target_path_column`:
-    a `.npy` path). Examples whose image or target cannot be read, whose target has the wrong shape
+    a `.npy` path) and, for decoders with a pooled vector (`pooled_emb_dim` set), its pooled target
+    (`pooled_target_column`, required then). Examples whose image or target cannot be read, whose target has the wrong shape
     or holds NaN/inf, or whose caption is empty, are skipped; `skipped` counts them by reason and
     every skip is logged with the running count. A batch of caption examples only gives exactly the
     inputs of caption training (no interleaved keys).
@@ -116,6 +130,7 @@ class GillDataCollator:
         require_targets: skip examples without a target; `None` (default): required when any
             example of the batch has one (a batch is all-or-nothing for `gen_loss`).
         interleaved_max_length: longest interleaved row, `[IMG]` block included.
+        pooled_emb_dim: the model's `pooled_emb_dim` (None: no pooled targets are read).
     """
 
     def __init__(
@@ -131,8 +146,11 @@ class GillDataCollator:
         require_targets: bool | None = None,
         gen_emb_dim: int | None = None,
         interleaved_max_length: int = 96,
+        pooled_target_column: str = "gen_pooled_targets",
+        pooled_emb_dim: int | None = None,
     ):
         self.processor = processor
+        self.pooled_target_column, self.pooled_emb_dim = pooled_target_column, pooled_emb_dim
         self.max_length = max_length
         self.num_clip_tokens = num_clip_tokens
         self.gen_emb_dim = gen_emb_dim
@@ -174,6 +192,8 @@ class GillDataCollator:
                 return None
             try:
                 row.target = _load_target(value, self.num_clip_tokens, self.gen_emb_dim or expected_dim)
+                if self.pooled_emb_dim is not None:
+                    row.pooled_target = _load_pooled_target(example.get(self.pooled_target_column), self.pooled_emb_dim)
             except Exception as error:  # unreadable / truncated / pickled / mis-shaped / non-finite: one example lost
                 self._skip("bad_target", example, error)
                 return None
@@ -225,7 +245,13 @@ class GillDataCollator:
         else:
             out["pixel_values"] = batch["pixel_values"]
         if require:
-            out["gen_targets"] = torch.stack([r.target for r in rows])
+            out.update(self._targets(rows))
+        return out
+
+    def _targets(self, rows: list[_Row]) -> dict[str, torch.Tensor]:
+        out = {"gen_targets": torch.stack([r.target for r in rows])}
+        if self.pooled_emb_dim is not None:
+            out["gen_pooled_targets"] = torch.stack([r.pooled_target for r in rows])
         return out
 
     def _mixed_batch(self, captions: list[_Row], interleaved: list[_Row], require: bool) -> dict[str, torch.Tensor]:
@@ -250,7 +276,7 @@ class GillDataCollator:
         if "context_pixel_values" in built:
             out["context_pixel_values"] = built["context_pixel_values"]
         if require:
-            out["gen_targets"] = torch.stack([r.target for r in rows])
+            out.update(self._targets(rows))
         return out
 
 
@@ -419,6 +445,42 @@ def cache_image_features(dataset, model, processor, batch_size: int = 64, image_
     return dataset
 
 
+def precompute_decoder_targets(dataset, decoder, batch_size: int = 32, caption_column: str = "caption", dtype=np.float16,
+                               **map_kwargs):
+    """Adds `gen_targets` and, for decoders with a pooled vector, `gen_pooled_targets`, from the decoder
+    pipeline's own `encode_prompt` (any family of `gill_hf.decoders`; SDXL, SD3), in one batched map."""
+    from .decoders import encode_conditioning
+
+    def encode(batch):
+        conditioning, _ = encode_conditioning(decoder, list(batch[caption_column]))
+        out = {"gen_targets": conditioning["prompt_embeds"].float().cpu().numpy().astype(dtype)}
+        if "pooled_prompt_embeds" in conditioning:
+            out["gen_pooled_targets"] = conditioning["pooled_prompt_embeds"].float().cpu().numpy().astype(dtype)
+        return out
+
+    encoders = torch.nn.ModuleList([m for m in decoder.components.values() if isinstance(m, torch.nn.Module)])
+    map_kwargs = {**_fingerprint_kwargs(dataset, encoders, "decoder_targets", type(decoder).__name__, caption_column,
+                                        np.dtype(dtype).name), **map_kwargs}
+    return dataset.map(encode, batched=True, batch_size=batch_size, **map_kwargs)
+
+
+def add_generation_targets(dataset, sd_model: str, batch_size: int = 128, caption_column: str = "caption"):
+    """The dataset with the generation targets of decoder `sd_model` (a folder or repo id of any family in
+    `gill_hf.decoders`). SD 1.x/2.x (or a folder holding only `text_encoder/` + `tokenizer/`): the text
+    encoder's `last_hidden_state`, exactly as the reference; others: their pipeline's `encode_prompt`.
+    The encoders run in fp32 whatever the folder stores (fp16 text encoders are slow on a CPU)."""
+    from .decoders import decoder_family, load_decoder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    text_only_folder = os.path.isdir(os.path.join(sd_model, "text_encoder")) and not os.path.isfile(os.path.join(sd_model, "model_index.json"))
+    if text_only_folder or decoder_family(sd_model) == "stable-diffusion":
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", dtype=torch.float32).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
+        return precompute_gen_targets(dataset, encoder, tokenizer, batch_size=batch_size, caption_column=caption_column)
+    decoder = load_decoder(sd_model, text_only=True, torch_dtype=torch.float32).to(device)
+    return precompute_decoder_targets(dataset, decoder, batch_size=min(batch_size, 32), caption_column=caption_column)
 
 
 # ----- `gill-hf precompute-targets` ------------------------------------------------------------------
@@ -445,8 +507,6 @@ def precompute_targets(output_dir: str | os.PathLike, sd_model: str, *, train_ts
     `datasets` dataset) with the SD text-encoder targets of its captions (of an interleaved
     dataset's `target_caption`s; and, given a GILL checkpoint, a caption dataset's cached vision
     features), saved with `save_to_disk`. Returns the dataset."""
-    from transformers import AutoTokenizer, CLIPTextModel
-
     if bool(train_tsv) == bool(dataset_name):
         raise ValueError("Pass exactly one data source: `--train_tsv` (with `--image_dir`) or `--dataset_name`.")
     if train_tsv:
@@ -459,12 +519,9 @@ def precompute_targets(output_dir: str | os.PathLike, sd_model: str, *, train_ts
             dataset, caption_column = prepare_interleaved_dataset(dataset), "target_caption"
         else:
             dataset, caption_column = prepare_hf_dataset(dataset, image_column, caption_column), "caption"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # fp32 whatever the folder stores: SD folders ship fp16 text encoders, ~2x slower on a CPU.
-    encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", dtype=torch.float32).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
-    dataset = precompute_gen_targets(dataset, encoder, tokenizer, batch_size=batch_size, caption_column=caption_column)
+    dataset = add_generation_targets(dataset, sd_model, batch_size, caption_column)
     if model_name_or_path and caption_column == "caption":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         from .modeling import GillForConditionalGeneration
         from .processing_gill import GillProcessor
 
@@ -502,9 +559,11 @@ def register_data_commands(subparsers) -> None:
 __all__ = [
     "CLIP_EMBS_FOLDER",
     "GillDataCollator",
+    "add_generation_targets",
     "cache_image_features",
     "encode_captions_for_sd",
     "load_cc3m_dataset",
+    "precompute_decoder_targets",
     "precompute_gen_targets",
     "precompute_targets",
     "load_saved_or_hub_dataset",

@@ -30,7 +30,9 @@ from .modeling.manifest import save_folder
 
 logger = logging.get_logger(__name__)
 
-LOSS_KEYS = ("caption_loss", "text_loss", "contrastive_loss", "gen_loss")
+LOSS_KEYS = ("caption_loss", "text_loss", "contrastive_loss", "gen_loss")  # the terms of `loss`
+# Logged beside them: the pooled head's distance (decoders with a pooled vector), already inside gen_loss.
+LOGGED_KEYS = (*LOSS_KEYS, "gen_pooled_loss")
 TRAINING_ARGS_FILE = "training_args.bin"
 
 
@@ -192,7 +194,7 @@ class GillTrainer(Trainer):
                     f"Non-finite training loss at step {self.state.global_step} (components {components}); stopping "
                     "before the weights are updated. Check the data (targets, images) and the learning rate."
                 )
-            for key in LOSS_KEYS:
+            for key in LOGGED_KEYS:
                 value = outputs.get(key)
                 if value is not None:
                     value = value.detach().float()
@@ -226,7 +228,7 @@ class GillTrainer(Trainer):
         batch = inputs["input_ids"].shape[0]
         nan = torch.full((batch,), float("nan"), device=loss.device)
         # Scalars are broadcast per example so that Trainer can concatenate (and gather) them.
-        columns = [outputs.get(k).detach().float().expand(batch) if outputs.get(k) is not None else nan for k in LOSS_KEYS]
+        columns = [outputs.get(k).detach().float().expand(batch) if outputs.get(k) is not None else nan for k in LOGGED_KEYS]
         if outputs.get("text_embeds") is not None and outputs.get("image_embeds") is not None:
             columns += [outputs.text_embeds.detach().float(), outputs.image_embeds.detach().float()]
         else:
@@ -286,15 +288,16 @@ def compute_gill_metrics(eval_prediction) -> dict[str, float]:
     both ways over the whole eval set, and the generation L2 (per-token distance, mean)."""
     columns = eval_prediction.predictions
     metrics: dict[str, float] = {}
-    for key, column in zip(LOSS_KEYS, columns[:4]):
+    n = len(LOGGED_KEYS)
+    for key, column in zip(LOGGED_KEYS, columns[:n]):
         values = torch.as_tensor(column, dtype=torch.float32)
         if not torch.isnan(values).all():
             metrics[key] = values.mean().item()
-    text_embeds = torch.as_tensor(columns[4], dtype=torch.float32)
-    image_embeds = torch.as_tensor(columns[5], dtype=torch.float32)
+    text_embeds = torch.as_tensor(columns[n], dtype=torch.float32)
+    image_embeds = torch.as_tensor(columns[n + 1], dtype=torch.float32)
     if not torch.isnan(text_embeds).any():
         metrics.update(retrieval_metrics(text_embeds, image_embeds))
-    gen_l2 = torch.as_tensor(columns[6], dtype=torch.float32)
+    gen_l2 = torch.as_tensor(columns[n + 2], dtype=torch.float32)
     if not torch.isnan(gen_l2).all():
         metrics["gen_l2"] = gen_l2.mean().item()
     return {k: v for k, v in metrics.items() if not math.isnan(v)}
@@ -313,9 +316,13 @@ class GillModelArguments:
     text_model: str | None = field(default=None, metadata={"help": "Causal LM (hub id or path) for fresh GILL heads."})
     vision_model: str | None = field(default=None, metadata={"help": "CLIP-like vision model for fresh GILL heads."})
     processor_name_or_path: str | None = field(default=None, metadata={"help": "GillProcessor folder (default: the checkpoint)."})
-    gen_emb_dim: int = field(default=768, metadata={"help": "Fresh heads: width of the image decoder's text space."})
+    gen_emb_dim: int = field(default=768, metadata={"help": "Fresh heads: width of the image decoder's text space (with "
+                                                            "--decoder_model, read from the decoder)."})
     ret_emb_dim: int = field(default=256, metadata={"help": "Fresh heads: retrieval embedding width."})
-    num_clip_tokens: int = field(default=77, metadata={"help": "Fresh heads: length of the decoder's text conditioning."})
+    num_clip_tokens: int = field(default=77, metadata={"help": "Fresh heads: length of the decoder's text conditioning (with "
+                                                               "--decoder_model, read from the decoder)."})
+    decoder_model: str | None = field(default=None, metadata={"help": "Fresh heads: the image decoder (folder/hub id: SD 1.x/2.x, "
+                                                                      "SDXL, SD3) whose conditioning spec the mapper's heads take."})
     backbone_dtype: str = field(default="float32", metadata={"help": "dtype of the frozen backbones (float32, bfloat16)."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0: no LoRA, the reference)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -343,7 +350,8 @@ class GillDataArguments:
     max_length: int = field(default=32, metadata={"help": "Training row length, [IMG] block included (reference: 32)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
-    sd_model: str | None = field(default=None, metadata={"help": "SD folder/hub id whose text_encoder/tokenizer make missing targets."})
+    sd_model: str | None = field(default=None, metadata={"help": "Image decoder (folder/hub id: SD 1.x/2.x, SDXL, SD3) whose text "
+                                                                 "encoders make missing targets; for fresh heads, also their decoder spec."})
     target_batch_size: int = field(default=128, metadata={"help": "Batch size of the target precompute."})
     cache_image_features: bool = field(default=False, metadata={"help": "Precompute the frozen vision features once (map-style caption data)."})
     allow_missing_targets: bool = field(default=False, metadata={
@@ -377,9 +385,14 @@ def _load_model_and_processor(model_args: GillModelArguments):
         else:
             processor = GillProcessor(image_processor=AutoImageProcessor.from_pretrained(model_args.vision_model),
                                       tokenizer=AutoTokenizer.from_pretrained(model_args.text_model))
+        spec = {"gen_emb_dim": model_args.gen_emb_dim, "num_clip_tokens": model_args.num_clip_tokens}
+        if model_args.decoder_model:
+            from .decoders import decoder_config_kwargs
+
+            spec = decoder_config_kwargs(model_args.decoder_model)
         model = GillForConditionalGeneration.from_pretrained_backbones(
             model_args.text_model, model_args.vision_model, tokenizer=processor.tokenizer, dtype=dtype,
-            gen_emb_dim=model_args.gen_emb_dim, ret_emb_dim=model_args.ret_emb_dim, num_clip_tokens=model_args.num_clip_tokens,
+            ret_emb_dim=model_args.ret_emb_dim, **spec,
         )
     else:
         raise ValueError("Pass `--model_name_or_path`, or both `--text_model` and `--vision_model`.")
@@ -413,11 +426,7 @@ def _prepare(dataset, data_args: GillDataArguments, model, processor):
 
     columns = getattr(dataset, "column_names", None) or []
     if data_args.sd_model and "gen_targets" not in columns and "gen_targets_path" not in columns:
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        encoder = CLIPTextModel.from_pretrained(data_args.sd_model, subfolder="text_encoder", dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(data_args.sd_model, subfolder="tokenizer")
-        dataset = data.precompute_gen_targets(dataset, encoder, tokenizer, data_args.target_batch_size)
+        dataset = data.add_generation_targets(dataset, data_args.sd_model, data_args.target_batch_size)
     if data_args.cache_image_features and not data_args.streaming:
         dataset = data.cache_image_features(dataset, model, processor)
     return dataset
@@ -438,7 +447,7 @@ def _check_targets(train, data_args: GillDataArguments) -> None:
 
 def _mix_interleaved(train, data_args: GillDataArguments):
     """The caption rows and the interleaved rows in one dataset at `--interleaved_ratio`."""
-    from .data import load_saved_or_hub_dataset, precompute_gen_targets, prepare_interleaved_dataset
+    from .data import add_generation_targets, load_saved_or_hub_dataset, prepare_interleaved_dataset
     from .interleaved import MixedDataset
 
     if data_args.streaming or data_args.cache_image_features:
@@ -452,12 +461,7 @@ def _mix_interleaved(train, data_args: GillDataArguments):
         if not data_args.sd_model:
             raise ValueError(f"{data_args.interleaved_dataset_name!r} has no `gen_targets`: pass `--sd_model` (or run "
                              "`gill-hf precompute-targets` on it) so its target captions have generation targets.")
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        encoder = CLIPTextModel.from_pretrained(data_args.sd_model, subfolder="text_encoder", dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(data_args.sd_model, subfolder="tokenizer")
-        interleaved = precompute_gen_targets(interleaved, encoder, tokenizer, data_args.target_batch_size,
-                                             caption_column="target_caption")
+        interleaved = add_generation_targets(interleaved, data_args.sd_model, data_args.target_batch_size, "target_caption")
     return MixedDataset(train, interleaved, data_args.interleaved_ratio)
 
 
@@ -502,7 +506,7 @@ def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArgu
     push, training_args.push_to_hub = training_args.push_to_hub, False  # our push function, not Trainer's
     collator = GillDataCollator(processor, max_length=data_args.max_length, num_clip_tokens=model.config.num_clip_tokens,
                                 gen_emb_dim=model.config.gen_emb_dim, caption_column="caption", image_column="image",
-                                interleaved_max_length=data_args.interleaved_max_length)
+                                interleaved_max_length=data_args.interleaved_max_length, pooled_emb_dim=model.config.pooled_emb_dim)
     trainer = GillTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           data_collator=collator, processing_class=processor)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -536,7 +540,7 @@ def push_trained_model(trainer: GillTrainer, processor=None, repo_id: str | None
     history = trainer.state.log_history
     train_logs = [h for h in history if "loss" in h]
     evals = [h for h in history if any(k.startswith("eval_") for k in h)]
-    metrics = {f"train_{k}": v for k, v in (train_logs[-1] if train_logs else {}).items() if k in ("loss", *LOSS_KEYS)}
+    metrics = {f"train_{k}": v for k, v in (train_logs[-1] if train_logs else {}).items() if k in ("loss", *LOGGED_KEYS)}
     metrics.update({k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_") and isinstance(v, float)})
     summary = f"GillTrainer: {trainer.state.global_step} steps"
     if evals:
@@ -552,6 +556,7 @@ __all__ = [
     "GillModelArguments",
     "GillTrainer",
     "GillTrainingArguments",
+    "LOGGED_KEYS",
     "LOSS_KEYS",
     "RescaleImgRowsCallback",
     "compute_gill_metrics",

@@ -9,6 +9,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 DECISION_HEAD_TYPES = ("hidden", "hidden_and_score")
+# Image-decoder families GILL can condition, with the pooled conditioning each one takes besides its
+# token sequence: SD 1.x/2.x none, SDXL text_encoder_2's projected vector, SD3 both CLIPs' vectors.
+DECODER_FAMILIES = {"stable-diffusion": False, "stable-diffusion-xl": True, "stable-diffusion-3": True}
 
 
 def _is_int(value) -> bool:
@@ -42,6 +45,14 @@ class GillConfig(PreTrainedConfig):
         ret_emb_dim (`int`, defaults to 256): width of the shared retrieval space.
         gen_emb_dim (`int`, defaults to 768): width of the image decoder's text conditioning.
         num_clip_tokens (`int`, defaults to 77): sequence length of the decoder's text conditioning.
+        decoder_family (`str`, defaults to `"stable-diffusion"`): the image decoder's family
+            (`"stable-diffusion"` for SD 1.x/2.x, `"stable-diffusion-xl"`, `"stable-diffusion-3"`);
+            with the two fields above and `pooled_emb_dim` it is the decoder spec
+            ([`~GillConfig.decoder_spec`], derived from a decoder folder by
+            `gill_hf.decoders.decoder_spec`).
+        pooled_emb_dim (`int`, *optional*): width of the decoder's pooled text conditioning (SDXL:
+            1280, SD3: 2048); the mapper then grows an attention-pool head for it. `None` for SD 1.x/2.x.
+        pooled_loss_scale (`float`, defaults to 1.0): weight of the pooled head's L2 distance in `gen_loss`.
         mapper_hidden_size, mapper_num_heads, mapper_num_encoder_layers, mapper_num_decoder_layers,
         mapper_ffn_dim, mapper_dropout: the GILLMapper transformer (reference: 512, 4, 4, 4, 2048, 0.0).
         text_emb_layers (`list[int]`, defaults to `[-1]`):
@@ -113,6 +124,9 @@ class GillConfig(PreTrainedConfig):
     ret_emb_dim: int = 256
     gen_emb_dim: int = 768
     num_clip_tokens: int = 77
+    decoder_family: str = "stable-diffusion"
+    pooled_emb_dim: int | None = None
+    pooled_loss_scale: float = 1.0
     mapper_hidden_size: int = 512
     mapper_num_heads: int = 4
     mapper_num_encoder_layers: int = 4
@@ -171,6 +185,13 @@ class GillConfig(PreTrainedConfig):
             raise ValueError(
                 f"`text_emb_layers` must name a hidden-state index of the LM (-{(layers or 0) + 1}..{layers}), got {self.text_emb_layers!r}."
             )
+        if self.decoder_family not in DECODER_FAMILIES:
+            raise ValueError(f"`decoder_family` must be one of {sorted(DECODER_FAMILIES)}, got {self.decoder_family!r}.")
+        if DECODER_FAMILIES[self.decoder_family] != (self.pooled_emb_dim is not None):
+            raise ValueError(f"A {self.decoder_family!r} decoder {'takes' if DECODER_FAMILIES[self.decoder_family] else 'takes no'} "
+                             f"pooled conditioning; got `pooled_emb_dim`={self.pooled_emb_dim!r}.")
+        if self.pooled_emb_dim is not None and (not _is_int(self.pooled_emb_dim) or self.pooled_emb_dim <= 0):
+            raise ValueError(f"`pooled_emb_dim` must be None or a positive integer, got {self.pooled_emb_dim!r}.")
         if not 0.0 <= self.concat_captions_prob <= 1.0:
             raise ValueError(f"`concat_captions_prob` must lie in [0, 1], got {self.concat_captions_prob!r}.")
 
@@ -199,9 +220,18 @@ class GillConfig(PreTrainedConfig):
                 raise ValueError(f"`image_token_id` ({self.image_token_id}) must differ from every `img_token_ids` id.")
 
     @property
+    def decoder_spec(self) -> dict:
+        """The conditioning the image decoder takes, as `{"family", "tensors": {name: shape}}` (shapes
+        without the batch dimension); what the mapper's heads produce and `gen_targets` hold."""
+        tensors = {"prompt_embeds": [self.num_clip_tokens, self.gen_emb_dim]}
+        if self.pooled_emb_dim is not None:
+            tensors["pooled_prompt_embeds"] = [self.pooled_emb_dim]
+        return {"family": self.decoder_family, "tensors": tensors}
+
+    @property
     def lm_ties_embeddings(self) -> bool:
         """Whether the LM's output rows are its input rows (then one set of [IMG] rows serves both)."""
         return bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 
-__all__ = ["GillConfig"]
+__all__ = ["DECODER_FAMILIES", "GillConfig"]

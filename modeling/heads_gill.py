@@ -26,6 +26,9 @@ class GillMapper(nn.Module):
             self.transformer = self._build_transformer(config, width)
         self.queries = nn.Parameter(torch.randn(1, config.num_clip_tokens, width))
         self.output_proj = nn.Linear(width, config.gen_emb_dim)
+        # Decoders with a pooled vector (SDXL, SD3) take it from another layer or encoder than their
+        # sequence, so it is learned, not derived from `output_proj`'s tokens.
+        self.pooled_head = GillPooledHead(width, config.mapper_num_heads, config.pooled_emb_dim) if config.pooled_emb_dim else None
 
     @staticmethod
     def _build_transformer(config: GillConfig, width: int) -> nn.Transformer:
@@ -40,10 +43,31 @@ class GillMapper(nn.Module):
             norm_first=True,
         )
 
-    def forward(self, img_hidden_states: torch.Tensor, img_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(self, img_hidden_states: torch.Tensor, img_embeddings: torch.Tensor,
+                return_pooled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's token conditioning `(batch, num_clip_tokens, gen_emb_dim)`; with `return_pooled`,
+        also its pooled vector `(batch, pooled_emb_dim)` (None without a pooled head), from one pass."""
         x = self.input_proj(img_hidden_states + img_embeddings)
         x = self.transformer(x, self.queries.expand(x.shape[0], -1, -1))
-        return self.output_proj(x)
+        if not return_pooled:
+            return self.output_proj(x)
+        return self.output_proj(x), (self.pooled_head(x) if self.pooled_head is not None else None)
+
+
+class GillPooledHead(nn.Module):
+    """The decoder's pooled vector from the mapper's output tokens: one learned query attends over
+    them (attention pooling), then LayerNorm + Linear to the pooled width."""
+
+    def __init__(self, width: int, num_heads: int, pooled_dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, pooled_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.attention(self.query.expand(tokens.shape[0], -1, -1), tokens, tokens, need_weights=False)
+        return self.proj(self.norm(pooled[:, 0]))
 
 
 class GillDecisionHead(nn.Module):
@@ -59,4 +83,4 @@ class GillDecisionHead(nn.Module):
         return self.linear(self.dropout(features))
 
 
-__all__ = ["GillDecisionHead", "GillMapper"]
+__all__ = ["GillDecisionHead", "GillMapper", "GillPooledHead"]

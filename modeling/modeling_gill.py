@@ -315,12 +315,22 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
     def get_prompt_embeds(self, img_hidden_states: torch.Tensor) -> torch.Tensor:
         """`[IMG]` block states `(n, num_img_tokens, hidden)` -> image-decoder conditioning
         `(n, num_clip_tokens, gen_emb_dim)`; the mapper sees states plus the `[IMG]` input rows."""
+        return self._map(img_hidden_states, return_pooled=False)
+
+    def get_decoder_conditioning(self, img_hidden_states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`[IMG]` block states -> every tensor of the decoder spec (`config.decoder_spec`), by name:
+        `prompt_embeds` and, for decoders with one, `pooled_prompt_embeds` `(n, pooled_emb_dim)`."""
+        prompt_embeds, pooled = self._map(img_hidden_states, return_pooled=True)
+        return {"prompt_embeds": prompt_embeds} if pooled is None else {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    def _map(self, img_hidden_states: torch.Tensor, return_pooled: bool):
         if img_hidden_states.ndim != 3 or img_hidden_states.shape[1] != self.config.num_img_tokens:
             raise ValueError(
                 f"`img_hidden_states` must be (n, {self.config.num_img_tokens}, hidden), got {tuple(img_hidden_states.shape)}."
             )
         dtype = self.mapper.input_proj.weight.dtype
-        return self.mapper(img_hidden_states.to(dtype), self.img_embeddings.to(dtype).expand(img_hidden_states.shape[0], -1, -1))
+        rows = self.img_embeddings.to(dtype).expand(img_hidden_states.shape[0], -1, -1)
+        return self.mapper(img_hidden_states.to(dtype), rows, return_pooled=return_pooled)
 
     def get_decision_probs(self, img0_hidden_states: torch.Tensor, max_retrieval_scores: torch.Tensor | None = None) -> torch.Tensor:
         """`[IMG0]` states `(n, hidden)` -> `(n, 2)` probabilities, column 0 = generate, 1 = retrieve.
@@ -352,6 +362,7 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         context_image_features: torch.FloatTensor | None = None,
         interleaved: torch.BoolTensor | None = None,
         paired: torch.BoolTensor | None = None,
+        gen_pooled_targets: torch.FloatTensor | None = None,
         **kwargs,
     ) -> GillOutput | GillCausalLMOutputWithPast:
         r"""
@@ -371,7 +382,8 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
           (or `image_features`) hold one paired image per row: the caption's image, or the image an
           interleaved example produces (its contrastive pair); `paired` marks rows whose entry is a
           real image (default: all). `gen_targets` `(batch, num_clip_tokens, gen_emb_dim)` are the
-          decoder's encodings of each row's caption / target caption. The captioning pass runs over
+          decoder's encodings of each row's caption / target caption, and `gen_pooled_targets`
+          `(batch, pooled_emb_dim)` its pooled vectors (decoders with one). The captioning pass runs over
           the paired caption rows; one text pass runs over every row, its CE covering the text (after
           an interleaved row's last image) and `[IMG0]`. Returns [`GillOutput`].
           `concat_captions`: `True` always applies the reference's two-caption concatenation, a float
@@ -383,7 +395,7 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         if cache is None and kwargs.get("past_key_values") is not None:
             cache = kwargs.pop("past_key_values")  # transformers' earlier name for the cache
         kwargs.pop("past_key_values", None)
-        training_inputs = (gen_targets, interleaved, paired, context_pixel_values, context_image_features)
+        training_inputs = (gen_targets, interleaved, paired, context_pixel_values, context_image_features, gen_pooled_targets)
         if self._is_decoding_call(input_ids, inputs_embeds, cache, use_cache, training_inputs):
             return self._decoding_forward(
                 input_ids, pixel_values, image_features, attention_mask, inputs_embeds, cache, use_cache, **kwargs
@@ -391,7 +403,7 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         if kwargs.get("labels") is not None:
             raise ValueError("`labels` are built by the model from `input_ids`; do not pass them.")
         return training_forward(self, input_ids, pixel_values, image_features, gen_targets, concat_captions,
-                                context_pixel_values, context_image_features, interleaved, paired)
+                                context_pixel_values, context_image_features, interleaved, paired, gen_pooled_targets)
 
     def _is_decoding_call(self, input_ids, inputs_embeds, cache, use_cache, training_inputs=()) -> bool:
         if cache is not None or inputs_embeds is not None or bool(use_cache):

@@ -21,13 +21,16 @@ class GillOutput(ModelOutput):
         text_loss: next-token CE of the text pass (caption + `[IMG0]`; `[IMG1..]` masked).
         contrastive_loss: symmetric InfoNCE between image and `[IMG0]` retrieval embeddings.
         gen_loss: mean over examples and positions of the per-token L2 distance between the mapper
-            output and `gen_targets`.
+            output and `gen_targets`, plus (decoders with a pooled vector) `pooled_loss_scale` times
+            `gen_pooled_loss`.
+        gen_pooled_loss: mean L2 distance between the pooled head's output and `gen_pooled_targets`.
         caption_logits / caption_labels: the captioning pass (visual prefix included in the labels as -100).
         text_logits / text_labels: the text pass.
         img_hidden_states: `(batch, num_img_tokens, hidden)` LM states at the `[IMG]` positions.
         text_embeds / image_embeds: L2-normalised retrieval embeddings, `(batch, ret_emb_dim)`.
         logits_per_image: `exp(logit_scale) * image_embeds @ text_embeds.T` over the (gathered) batch.
         prompt_embeds: `(batch, num_clip_tokens, gen_emb_dim)` mapper output.
+        pooled_prompt_embeds: `(batch, pooled_emb_dim)` pooled head output (decoders with a pooled vector).
     """
 
     loss: torch.FloatTensor | None = None
@@ -35,6 +38,7 @@ class GillOutput(ModelOutput):
     text_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
     gen_loss: torch.FloatTensor | None = None
+    gen_pooled_loss: torch.FloatTensor | None = None
     caption_logits: torch.FloatTensor | None = None
     caption_labels: torch.LongTensor | None = None
     text_logits: torch.FloatTensor | None = None
@@ -44,6 +48,7 @@ class GillOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     prompt_embeds: torch.FloatTensor | None = None
+    pooled_prompt_embeds: torch.FloatTensor | None = None
 
 
 @dataclass

@@ -97,7 +97,8 @@ def stack_pass(pieces: list[Piece], concat: bool, bos_token_id: int | None):
 
 
 def training_forward(model, input_ids, pixel_values=None, image_features=None, gen_targets=None, concat_captions=False,
-                     context_pixel_values=None, context_image_features=None, interleaved=None, paired=None):
+                     context_pixel_values=None, context_image_features=None, interleaved=None, paired=None,
+                     gen_pooled_targets=None):
     """GILL's training forward (see `GillForConditionalGeneration.forward`): the captioning pass over
     caption rows, one text pass over every row, and the four losses. Returns a `GillOutput`."""
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[0] == 0:
@@ -118,6 +119,11 @@ def training_forward(model, input_ids, pixel_values=None, image_features=None, g
         raise ValueError(
             f"`gen_targets` must be ({batch}, {config.num_clip_tokens}, {config.gen_emb_dim}), got {tuple(gen_targets.shape)}."
         )
+    if config.pooled_emb_dim is not None and gen_targets is not None and (
+            gen_pooled_targets is None or gen_pooled_targets.shape != (batch, config.pooled_emb_dim)):
+        got = None if gen_pooled_targets is None else tuple(gen_pooled_targets.shape)
+        raise ValueError(f"A {config.decoder_family!r} decoder's targets include `gen_pooled_targets` ({batch}, "
+                         f"{config.pooled_emb_dim}); got {got}.")
     has_context = bool((input_ids == config.image_token_id).any()) if config.image_token_id is not None else False
     if has_context and not interleaved[(input_ids == config.image_token_id).any(-1)].all():
         raise ValueError("Rows with `<|image|>` placeholders are interleaved examples: mark them in `interleaved`.")
@@ -152,8 +158,13 @@ def training_forward(model, input_ids, pixel_values=None, image_features=None, g
         out.logits_per_image = model.logit_scale.exp() * image_side @ text_side.T
         out.contrastive_loss = symmetric_info_nce(out.logits_per_image)
     if gen_targets is not None:
-        out.prompt_embeds = model.get_prompt_embeds(out.img_hidden_states)
+        conditioning = model.get_decoder_conditioning(out.img_hidden_states)
+        out.prompt_embeds = conditioning["prompt_embeds"]
         out.gen_loss = per_token_l2_distance(out.prompt_embeds, gen_targets)
+        if "pooled_prompt_embeds" in conditioning:
+            out.pooled_prompt_embeds = conditioning["pooled_prompt_embeds"]
+            out.gen_pooled_loss = (out.pooled_prompt_embeds.float() - gen_pooled_targets.float()).pow(2).sum(-1).sqrt().mean()
+            out.gen_loss = out.gen_loss + config.pooled_loss_scale * out.gen_pooled_loss
 
     scaled = [
         (out.caption_loss, config.caption_loss_scale),

@@ -1,5 +1,10 @@
-"""GILL's diffusers pipeline (importable as `gill_hf.pipelines`)."""
+"""GILL's diffusers pipelines (importable as `gill_hf.pipelines`): one per image-decoder family."""
 
-from .pipeline_gill import GillPipeline, GillPipelineOutput, GillUnconditionalEmbedding
+from .components_gill import GillPipelineOutput, GillUnconditionalEmbedding
+from .pipeline_gill import GillPipeline
+from .pipeline_gill_decoders import GillSD3Pipeline, GillXLPipeline
 
-__all__ = ["GillPipeline", "GillPipelineOutput", "GillUnconditionalEmbedding"]
+# The GILL pipeline of each decoder family (`gill_hf.decoders`), as `from_sd_and_gill` picks it.
+PIPELINE_CLASSES = {"stable-diffusion": GillPipeline, "stable-diffusion-xl": GillXLPipeline, "stable-diffusion-3": GillSD3Pipeline}
+
+__all__ = ["PIPELINE_CLASSES", "GillPipeline", "GillPipelineOutput", "GillSD3Pipeline", "GillUnconditionalEmbedding", "GillXLPipeline"]

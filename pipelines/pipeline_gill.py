@@ -11,18 +11,15 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ModelMixin, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.configuration_utils import register_to_config
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -31,6 +28,7 @@ from gill_hf.modeling.manifest import load_consistently, save_folder
 from gill_hf.processing_gill import GillProcessor
 from gill_hf.retrieval import GillRetrievalIndex
 
+from .components_gill import GillPipelineOutput, GillUnconditionalEmbedding, ImageBlock, variant_components
 from .decoding_gill import DECODING_MODES, DecodedRow, GillDecodingOptions, GillTokenIds, answer_text, gill_decode
 from .utils_gill import convert_image, encode_text, own_unaligned_memory
 
@@ -41,82 +39,15 @@ PIPELINE_MODULE = "pipeline_gill"  # the module file a saved folder names beside
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-@dataclass
-class GillPipelineOutput(BaseOutput):
-    r"""
-    Output of [`GillPipeline`]; every field holds one entry per prompt.
+def _saved_pipeline_class(folder: str | os.PathLike) -> type | None:
+    """The GILL pipeline class a saved folder's `model_index.json` names, or None."""
+    index = Path(folder) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    name = name[1] if isinstance(name, (list, tuple)) else name
+    from gill_hf import pipelines
 
-    Args:
-        text: the answer, with `<image>` where each `[IMG]` block stood.
-        images: per block (x `num_images_per_prompt`), in `output_type` form.
-        image_sources: `"generated"` / `"retrieved"` per image.
-        token_ids: generated ids only (prompt excluded).
-        prompt_embeds: `(n_blocks, num_clip_tokens, gen_emb_dim)`, for every block.
-        retrieval_scores / retrieval_indices: `(n_blocks, k)` cosine similarities (unscaled) and index
-            positions; None without a retrieval index.
-        generated_scores: `(n_blocks, num_images_per_prompt)` cosine of each generated image's retrieval
-            embedding to its block's (NaN for blocks that retrieved); None without an image head.
-        decision_probs: `(n_blocks, 2)`, column 0 = generate, 1 = retrieve; None when no decision was made.
-    """
-
-    text: list[str]
-    images: list[list[Any]]
-    image_sources: list[list[str]]
-    token_ids: list[list[int]]
-    prompt_embeds: list[torch.Tensor]
-    retrieval_scores: list[torch.Tensor] | None
-    retrieval_indices: list[torch.Tensor] | None
-    generated_scores: list[torch.Tensor] | None
-    decision_probs: list[torch.Tensor] | None
-
-
-class GillUnconditionalEmbedding(ModelMixin, ConfigMixin):
-    """The image decoder's unconditional conditioning (Stable Diffusion's encoding of `""`), stored
-    so that a pipeline needs no SD text encoder at inference."""
-
-    @register_to_config
-    def __init__(self, num_tokens: int = 77, embedding_dim: int = 768):
-        super().__init__()
-        self.embeds = torch.nn.Parameter(torch.zeros(1, num_tokens, embedding_dim), requires_grad=False)
-
-
-def _variant_components(cls, folder: str | os.PathLike, kwargs: dict) -> dict:
-    """With `variant`, the components whose folders hold that variant's files, loaded with it (the
-    others load plain); diffusers' own variant scan cannot read folders such as `lora/` or `dataset/`.
-    Pops `variant` from `kwargs`."""
-    variant = kwargs.pop("variant", None)
-    if variant is None:
-        return {}
-    import importlib
-
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    loaded = {}
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or name in kwargs:
-            continue
-        subfolder = Path(folder) / name
-        if not subfolder.is_dir() or not any(f".{variant}." in p.name for p in subfolder.iterdir()):
-            continue
-        component_cls = getattr(importlib.import_module(spec[0]), spec[1])
-        dtype = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
-        loaded[name] = component_cls.from_pretrained(str(subfolder), variant=variant, **dtype)
-    if not loaded:
-        raise ValueError(f"`variant={variant!r}`: no component of {os.fspath(folder)!r} has files of that variant.")
-    return loaded
-
-
-@dataclass
-class _Block:
-    prompt: int
-    hidden: torch.Tensor  # (num_img_tokens, hidden)
-    prompt_embeds: torch.Tensor
-    text_embeds: torch.Tensor
-    source: str = "generated"
-    scores: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
-    decision: torch.Tensor | None = None
-    images: list = None
-    generated_scores: torch.Tensor | None = None
+    found = getattr(pipelines, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, type) and issubclass(found, GillPipeline) else None
 
 
 class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
@@ -140,6 +71,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
     # Read directly, never through forward, so offload hooks would leave them on the meta device.
     _exclude_from_cpu_offload = ["safety_checker", "retrieval_index", "unconditional_embedding"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    decoder_family = "stable-diffusion"
 
     def __init__(
         self,
@@ -161,22 +93,35 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         if unet is not None and gill_model is not None and unet.config.cross_attention_dim != gill_model.config.gen_emb_dim:
             raise ValueError(f"The UNet's cross_attention_dim ({unet.config.cross_attention_dim}) differs from the GILL model's "
                              f"gen_emb_dim ({gill_model.config.gen_emb_dim}).")
+        self._register_gill_components(
+            gill_model, retrieval_index, default_num_inference_steps, default_guidance_scale,
+            processor=processor, vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+            safety_checker=safety_checker, feature_extractor=feature_extractor, unconditional_embedding=unconditional_embedding,
+        )
+
+    def _register_gill_components(self, gill_model, retrieval_index, default_num_inference_steps: int,
+                                  default_guidance_scale: float, **components) -> None:
+        """What every GILL pipeline's `__init__` shares: the checks between the GILL model and its
+        decoder / index, registration, the saved call defaults, the VAE image processor."""
+        if gill_model is not None and gill_model.config.decoder_family != self.decoder_family:
+            raise ValueError(f"The GILL model was trained for a {gill_model.config.decoder_family!r} decoder; "
+                             f"{type(self).__name__} decodes with {self.decoder_family!r}.")
         if retrieval_index is not None and gill_model is not None and retrieval_index.config.embedding_dim != gill_model.config.ret_emb_dim:
             raise ValueError(
                 f"The retrieval index holds {retrieval_index.config.embedding_dim}-d embeddings, the GILL model's ret_emb_dim is {gill_model.config.ret_emb_dim}."
             )
-        self.register_modules(
-            gill_model=gill_model, processor=processor, vae=vae, unet=unet, scheduler=scheduler,
-            text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=safety_checker,
-            feature_extractor=feature_extractor, retrieval_index=retrieval_index,
-            unconditional_embedding=unconditional_embedding,
-        )
+        self.register_modules(gill_model=gill_model, retrieval_index=retrieval_index, **components)
         # What `num_inference_steps` / `guidance_scale` default to: the decoder's own settings, saved
         # with the pipeline (diffusers' 50 / 7.5 unless the decoder says otherwise).
         self.register_to_config(default_num_inference_steps=default_num_inference_steps,
                                 default_guidance_scale=default_guidance_scale)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The decoder's denoising network (a UNet here, a transformer in SD3-style decoders)."""
+        return self.unet
 
     # ----- construction ----------------------------------------------------------------------------
 
@@ -192,10 +137,13 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
 
             hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
             pretrained_model_name_or_path = snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs)
+        saved = _saved_pipeline_class(pretrained_model_name_or_path)
+        if saved is not None and saved is not cls and issubclass(saved, cls):  # e.g. GillPipeline.from_pretrained(an SDXL GILL)
+            return saved.from_pretrained(pretrained_model_name_or_path, **kwargs)
         load = super().from_pretrained.__func__
 
         def load_version(manifest):
-            extra = _variant_components(cls, pretrained_model_name_or_path, kwargs)
+            extra = variant_components(cls, pretrained_model_name_or_path, kwargs)
             return load(cls, pretrained_model_name_or_path, **{**kwargs, **extra})
 
         pipe = load_consistently(pretrained_model_name_or_path, load_version)
@@ -256,29 +204,41 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         **sd_kwargs,
     ) -> GillPipeline:
         r"""
-        Assembles a pipeline from a plain Stable Diffusion checkpoint (a folder, a repo id or a loaded
-        `StableDiffusionPipeline`) and a GILL model. SD's encoding of `""` is computed once and stored;
-        the SD text encoder is dropped unless `keep_text_encoder` (needed for `negative_prompt`).
+        Assembles a pipeline from an image decoder (a folder, a repo id or a loaded diffusers pipeline of
+        any family in `gill_hf.decoders`: SD 1.x/2.x, SDXL, SD3) and a GILL model trained for it; returns
+        that family's GILL pipeline ([`GillPipeline`], [`GillXLPipeline`], [`GillSD3Pipeline`]). The
+        decoder's own negative conditioning for an empty prompt is computed once and stored; its text
+        encoders are dropped unless `keep_text_encoder` (needed for `negative_prompt`).
         `default_num_inference_steps` / `default_guidance_scale` are the decoder's settings, used when
         a call does not pass them (saved with the pipeline).
         """
-        if isinstance(stable_diffusion, (str, os.PathLike)):
-            from diffusers import StableDiffusionPipeline
+        import inspect
 
-            stable_diffusion = StableDiffusionPipeline.from_pretrained(stable_diffusion, **sd_kwargs)
-        sd = stable_diffusion.components
-        if sd.get("text_encoder") is None or sd.get("tokenizer") is None:
-            raise ValueError("The Stable Diffusion pipeline needs its text_encoder and tokenizer to encode the unconditional prompt.")
-        uncond = encode_text(sd["text_encoder"], sd["tokenizer"], [""])
-        stored = GillUnconditionalEmbedding(num_tokens=uncond.shape[1], embedding_dim=uncond.shape[2])
-        stored.embeds.data.copy_(uncond.float())
-        return cls(
-            gill_model=gill_model, processor=processor, vae=sd["vae"], unet=sd["unet"], scheduler=sd["scheduler"],
-            text_encoder=sd["text_encoder"] if keep_text_encoder else None,
-            tokenizer=sd["tokenizer"] if keep_text_encoder else None,
-            safety_checker=sd.get("safety_checker"), feature_extractor=sd.get("feature_extractor"),
-            retrieval_index=retrieval_index, unconditional_embedding=stored,
-            default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale,
+        from gill_hf.decoders import TEXT_COMPONENTS, decoder_family, encode_conditioning, load_decoder
+
+        from . import PIPELINE_CLASSES
+
+        decoder = load_decoder(stable_diffusion, **sd_kwargs) if isinstance(stable_diffusion, (str, os.PathLike)) else stable_diffusion
+        family = decoder_family(decoder)
+        target = PIPELINE_CLASSES[family]
+        if not issubclass(target, cls):
+            raise ValueError(f"{cls.__name__} cannot assemble a {family!r} decoder; use {target.__name__}.")
+        parts = {k: v for k, v in decoder.components.items() if v is not None}
+        missing = [c for c in TEXT_COMPONENTS[family] if c not in parts and not c.endswith("_3")]
+        if missing:
+            raise ValueError(f"The {family!r} decoder lacks {missing}, needed to encode its unconditional prompt.")
+        if gill_model is not None and gill_model.config.decoder_family != family:
+            raise ValueError(f"The GILL model was trained for a {gill_model.config.decoder_family!r} decoder; this one is {family!r}.")
+        _, unconditional = encode_conditioning(decoder, [""])
+        shapes = {k: list(v.shape[1:]) for k, v in unconditional.items()}
+        if gill_model is not None and shapes != gill_model.config.decoder_spec["tensors"]:
+            raise ValueError(f"The GILL model's mapper produces {gill_model.config.decoder_spec['tensors']}; this decoder takes {shapes}.")
+        accepted = set(inspect.signature(target.__init__).parameters)
+        components = {k: v for k, v in parts.items() if k in accepted and (keep_text_encoder or k not in TEXT_COMPONENTS[family])}
+        return target(
+            gill_model=gill_model, processor=processor, retrieval_index=retrieval_index,
+            unconditional_embedding=GillUnconditionalEmbedding.from_tensors(unconditional),
+            default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale, **components,
         )
 
     def push_to_hub(self, repo_id: str, *, api=None, **kwargs) -> str:
@@ -393,7 +353,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
     @torch.no_grad()
     def encode_prompt(
         self, prompt, prompt_images, options: GillDecodingOptions, generators: list, device: torch.device, truncation: bool = False
-    ) -> tuple[list[DecodedRow], list[_Block], list]:
+    ) -> tuple[list[DecodedRow], list[ImageBlock], list]:
         """Tokenizes the prompts, decodes the answers and maps every `[IMG]` block to SD
         `prompt_embeds` and a retrieval embedding. Returns the rows, the blocks and one generator
         per prompt."""
@@ -423,9 +383,11 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         blocks = []
         if owners:
             states = torch.cat(hidden)
-            prompt_embeds = self.gill_model.get_prompt_embeds(states)
+            conditioning = self.gill_model.get_decoder_conditioning(states)
             text_embeds = self.gill_model.get_text_retrieval_embeds(states)
-            blocks = [_Block(p, states[j], prompt_embeds[j], text_embeds[j]) for j, p in enumerate(owners)]
+            pooled = conditioning.get("pooled_prompt_embeds")
+            blocks = [ImageBlock(p, states[j], conditioning["prompt_embeds"][j], text_embeds[j], None if pooled is None else pooled[j])
+                      for j, p in enumerate(owners)]
         return rows, blocks, generators
 
     def encode_negative_prompt(self, negative_prompt, negative_prompt_embeds, device, dtype) -> torch.Tensor:
@@ -449,10 +411,12 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError(f"`negative_prompt_embeds` must be (n, {config.num_clip_tokens}, {config.gen_emb_dim}), got {tuple(embeds.shape)}.")
         return embeds.to(device=device, dtype=dtype)
 
-    def prepare_latents(self, blocks: list[_Block], generators, num_images_per_prompt, height, width, dtype, device, latents=None) -> torch.Tensor:
+    def prepare_latents(self, blocks: list[ImageBlock], generators, num_images_per_prompt, height, width, dtype, device, latents=None,
+                        scale: bool = True) -> torch.Tensor:
         """Initial noise for every generated image: each block's images draw from their prompt's
-        generator, blocks in order (a single shared generator then serves the batch in order)."""
-        shape = (num_images_per_prompt, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        generator, blocks in order (a single shared generator then serves the batch in order); times
+        the scheduler's `init_noise_sigma` unless `scale` is False (a decoder pipeline scales its own)."""
+        shape = (num_images_per_prompt, self.denoiser.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             noise = [randn_tensor(shape, generator=generators[b.prompt], device=device, dtype=dtype) for b in blocks]
             latents = torch.cat(noise)
@@ -463,7 +427,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
             latents = latents.to(device=device, dtype=dtype)
             if latents.shape[0] != total:  # one set per block
                 latents = latents.repeat(len(blocks), 1, 1, 1)
-        return latents * self.scheduler.init_noise_sigma
+        return latents * self.scheduler.init_noise_sigma if scale else latents
 
     def run_safety_checker(self, image: torch.Tensor, device, dtype) -> torch.Tensor:
         if self.safety_checker is None:
@@ -473,7 +437,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         image, _ = self.safety_checker(images=image, clip_input=inputs.pixel_values.to(dtype))
         return image
 
-    def _retrieve_and_decide(self, blocks: list[_Block], image_source: str, num_retrieved: int) -> bool:
+    def _retrieve_and_decide(self, blocks: list[ImageBlock], image_source: str, num_retrieved: int) -> bool:
         """Scores every block against the index (never repeating an image within an answer) and
         chooses each block's source. Returns whether a decision was made."""
         index, model = self.retrieval_index, self.gill_model
@@ -497,7 +461,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
                 block.source = "retrieved" if p[1] > p[0] else "generated"
         return decide
 
-    def _rescore(self, blocks: list[_Block], images: torch.Tensor, num_images_per_prompt: int, reference: bool = False) -> None:
+    def _rescore(self, blocks: list[ImageBlock], images: torch.Tensor, num_images_per_prompt: int, reference: bool = False) -> None:
         """Orders each generated block's images by the cosine of their retrieval embedding to the
         block's (as the reference does; in reference mode after its `resize((224, 224))`)."""
         pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(images))  # images are in [0, 1]
@@ -537,6 +501,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -547,7 +512,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         truncation: bool = False,
     ) -> GillPipelineOutput | tuple:
         r"""
-        Answers interleaved image-and-text prompts with text and images (DESIGN.md section 2).
+        Answers interleaved image-and-text prompts with text and images.
 
         Args:
             prompt: a `str` (its `<image>` placeholders bind to `prompt_images`), a list mixing `str`
@@ -569,6 +534,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
             callback_on_step_end_tensor_inputs: as in `StableDiffusionPipeline` (images per block);
                 `num_inference_steps` / `guidance_scale` default to the pipeline's saved settings
                 (`config.default_num_inference_steps` / `default_guidance_scale`).
+            negative_pooled_prompt_embeds: the negative pooled vector, for decoders with one (SDXL, SD3).
             generator: one generator or one per prompt; drives token sampling, then each block's latents.
             truncation: keep the last tokens of a prompt too long for the LM's context (with a warning)
                 instead of raising.
@@ -578,8 +544,8 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         num_inference_steps = self.config.default_num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height = height or self.denoiser.config.sample_size * self.vae_scale_factor
+        width = width or self.denoiser.config.sample_size * self.vae_scale_factor
         self.check_inputs(
             max_new_tokens, num_inference_steps, height, width, num_images_per_prompt, decoding, image_source,
             do_sample, temperature, top_p, min_word_tokens, force_image, max_images, num_retrieved, output_type,
@@ -609,7 +575,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
             images = self._generate_images(
                 generate, generators, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
                 negative_prompt, negative_prompt_embeds, latents, callback_on_step_end, callback_on_step_end_tensor_inputs, device,
-                decode=output_type != "latent",
+                decode=output_type != "latent", negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             )
             if output_type == "latent":  # no pixels to re-score: generated_scores stay NaN
                 for j, block in enumerate(generate):
@@ -639,7 +605,10 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
     def _generate_images(
         self, blocks, generators, num_images_per_prompt, height, width, num_inference_steps, guidance_scale,
         negative_prompt, negative_prompt_embeds, latents, callback_on_step_end, callback_tensor_inputs, device, decode=True,
+        negative_pooled_prompt_embeds=None,
     ) -> torch.Tensor:
+        if negative_pooled_prompt_embeds is not None:
+            raise ValueError("`negative_pooled_prompt_embeds` is for decoders with a pooled vector (SDXL, SD3); this one has none.")
         dtype = self.unet.dtype
         prompt_embeds = torch.stack([b.prompt_embeds for b in blocks]).to(device=device, dtype=dtype)
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
@@ -710,6 +679,8 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
             prompt_embeds=[stack([b.prompt_embeds for b in bs], (0, config.num_clip_tokens, config.gen_emb_dim), 0.0) for bs in per_prompt],
             retrieval_scores=None, retrieval_indices=None, generated_scores=None, decision_probs=None,
         )
+        if config.pooled_emb_dim is not None:
+            out.pooled_prompt_embeds = [stack([b.pooled_prompt_embeds for b in bs], (0, config.pooled_emb_dim), 0.0) for bs in per_prompt]
         if has_index:
             k = blocks[0].scores.shape[-1] if blocks else 0
             out.retrieval_scores = [stack([b.scores for b in bs], (0, k), 0.0) for bs in per_prompt]
@@ -724,4 +695,4 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         return out
 
 
-__all__ = ["GillPipeline", "GillPipelineOutput", "GillUnconditionalEmbedding"]
+__all__ = ["GillPipeline"]

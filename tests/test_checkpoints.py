@@ -93,7 +93,7 @@ def test_save_killed_midway_leaves_no_loadable_partial_folder(tmp_path, monkeypa
     model = tiny_gill("opt", seed=15)
     _save_backbones(model, tmp_path)
 
-    def crash(_model, folder):
+    def crash(_model, folder, *_variant):
         (folder / checkpointing.ADAPTER_WEIGHTS_NAME).write_bytes(b"partial")
         raise KeyboardInterrupt("killed while writing")
 

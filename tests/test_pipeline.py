@@ -306,7 +306,7 @@ def test_output_types_and_images_per_prompt(tmp_path, output_type):
     scores = out.generated_scores[0]
     assert scores.shape == (1, 2) and scores[0, 0] >= scores[0, 1]
     as_tuple = pipe(prompt="A dog", max_new_tokens=10, force_image=True, return_dict=False, **FAST)
-    assert len(as_tuple) == 9 and as_tuple[0] == out.text and as_tuple[5] is None  # no index: retrieval_scores None
+    assert len(as_tuple) == 10 and as_tuple[9] is None and as_tuple[0] == out.text and as_tuple[5] is None  # no index: retrieval_scores None
 
 
 def test_generated_images_are_ordered_by_their_retrieval_score(tmp_path):
