@@ -21,13 +21,14 @@ from gill_hf.pipelines import GillPipeline, GillSD3Pipeline, GillXLPipeline
 from gill_hf.training import GillTrainer, GillTrainingArguments
 from test_hub import FolderHubApi
 from test_pipeline import one_thread, seed_hf_cache, seeded, tiny_processor, tiny_sd_pipeline  # noqa: F401
-from tiny_decoders import tiny_sd3_pipeline, tiny_sdxl_pipeline
+from tiny_decoders import tiny_sd2_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 from tiny_models import gill_config, tiny_gill
 
-FAMILIES = {
-    "stable-diffusion": (tiny_sd_pipeline, GillPipeline),
-    "stable-diffusion-xl": (tiny_sdxl_pipeline, GillXLPipeline),
-    "stable-diffusion-3": (tiny_sd3_pipeline, GillSD3Pipeline),
+FAMILIES = {  # decoder kind -> (tiny builder, the GILL pipeline class it gets)
+    "sd1": (tiny_sd_pipeline, GillPipeline),
+    "sd2": (tiny_sd2_pipeline, GillPipeline),
+    "sdxl": (tiny_sdxl_pipeline, GillXLPipeline),
+    "sd3": (tiny_sd3_pipeline, GillSD3Pipeline),
 }
 CALL = dict(max_new_tokens=10, force_image=True, max_images=1, num_inference_steps=2, guidance_scale=3.0, height=16, width=16,
             image_source="generated")
@@ -49,9 +50,10 @@ def test_the_spec_defaults_to_sd_1x_and_follows_each_decoder(tmp_path):
     assert GillConfig().decoder_spec == {"family": "stable-diffusion", "tensors": {"prompt_embeds": [77, 768]}}
     old = GillConfig(**{k: v for k, v in gill_config().to_dict().items() if k not in ("decoder_family", "pooled_emb_dim")})
     assert old.decoder_spec["family"] == "stable-diffusion" and old.pooled_emb_dim is None  # configs saved before the spec
-    assert decoder_spec(decoder_of("stable-diffusion-xl", tmp_path)) == {
+    assert decoder_spec(decoder_of("sd2", tmp_path)) == {"family": "stable-diffusion", "tensors": {"prompt_embeds": [6, 24]}}
+    assert decoder_spec(decoder_of("sdxl", tmp_path)) == {
         "family": "stable-diffusion-xl", "tensors": {"prompt_embeds": [6, 20], "pooled_prompt_embeds": [10]}}
-    assert decoder_spec(decoder_of("stable-diffusion-3", tmp_path)) == {  # 6 CLIP + 256 T5 tokens, T5's width
+    assert decoder_spec(decoder_of("sd3", tmp_path)) == {  # 6 CLIP + 256 T5 tokens, T5's width
         "family": "stable-diffusion-3", "tensors": {"prompt_embeds": [262, 16], "pooled_prompt_embeds": [12]}}
     with pytest.raises(ValueError, match="takes pooled conditioning"):
         GillConfig(decoder_family="stable-diffusion-xl", gen_emb_dim=2048)
@@ -84,7 +86,7 @@ def test_gill_images_equal_the_decoder_pipelines_own(family, tmp_path):
     if out.pooled_prompt_embeds is not None:
         given.update(pooled_prompt_embeds=out.pooled_prompt_embeds[0], negative_pooled_prompt_embeds=unconditional["pooled_prompt_embeds"])
     else:
-        assert family == "stable-diffusion"
+        assert family in ("sd1", "sd2")
     # the noise GILL draws for the block: its prompt's generator after decoding (greedy decoding draws nothing)
     channels = (decoder.unet if hasattr(decoder, "unet") else decoder.transformer).config.in_channels
     latents = torch.randn((1, channels, 16 // pipe.vae_scale_factor, 16 // pipe.vae_scale_factor), generator=seeded(3)[0])
@@ -93,7 +95,7 @@ def test_gill_images_equal_the_decoder_pipelines_own(family, tmp_path):
     assert torch.equal(out.images[0][0], reference)
 
 
-@pytest.mark.parametrize("family", ["stable-diffusion-xl", "stable-diffusion-3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_round_trips_and_a_batch_equals_its_prompts_alone(family, tmp_path):
     decoder = decoder_of(family, tmp_path)
     model, processor = gill_for(decoder, tmp_path)
@@ -152,7 +154,7 @@ def test_targets_are_the_decoders_own_encoding_and_training_lowers_the_generatio
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "gen_loss" in entry]
     assert logs[-1]["gen_loss"] < 0.7 * logs[0]["gen_loss"], (logs[0], logs[-1])
-    if family != "stable-diffusion":
+    if family in ("sdxl", "sd3"):
         pooled = [entry["gen_pooled_loss"] for entry in logs]
         assert pooled[-1] < 0.7 * pooled[0]
 
@@ -163,7 +165,7 @@ def test_unsupported_or_incomplete_decoders_are_named(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     with pytest.raises(ValueError, match="is a 'KandinskyPipeline'; GILL decodes with"):
         decoder_family(folder)
-    decoder_of("stable-diffusion-xl", tmp_path).save_pretrained(tmp_path / "xl")
+    decoder_of("sdxl", tmp_path).save_pretrained(tmp_path / "xl")
     index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
     index["text_encoder_2"] = [None, None]
     (tmp_path / "xl" / "model_index.json").write_text(json.dumps(index))
@@ -171,9 +173,9 @@ def test_unsupported_or_incomplete_decoders_are_named(tmp_path):
         load_decoder(tmp_path / "xl")
     sd_model, processor = tiny_gill("opt"), tiny_processor(tmp_path)
     with pytest.raises(ValueError, match="was trained for a 'stable-diffusion' decoder"):
-        GillXLPipeline.from_sd_and_gill(decoder_of("stable-diffusion-xl", tmp_path), sd_model, processor)
+        GillXLPipeline.from_sd_and_gill(decoder_of("sdxl", tmp_path), sd_model, processor)
     with pytest.raises(ValueError, match="mapper produces"):
-        GillPipeline.from_sd_and_gill(decoder_of("stable-diffusion-xl", tmp_path),
+        GillPipeline.from_sd_and_gill(decoder_of("sdxl", tmp_path),
                                       tiny_gill("opt", decoder_family="stable-diffusion-xl", pooled_emb_dim=7), processor)
     with pytest.raises(ValueError, match="gen_pooled_targets"):
         xl = tiny_gill("opt", decoder_family="stable-diffusion-xl", pooled_emb_dim=10).train()
@@ -182,7 +184,7 @@ def test_unsupported_or_incomplete_decoders_are_named(tmp_path):
         xl(**training_batch())
 
 
-@pytest.mark.parametrize("family", ["stable-diffusion-xl", "stable-diffusion-3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_pipeline_conventions_hold_for_every_family(family, tmp_path):
     """Latent output, a callback that sees the GILL pipeline and changes the guidance, variants."""
     decoder = decoder_of(family, tmp_path)

@@ -1,12 +1,12 @@
-"""Tiny random image decoders of each family GILL supports, built in code (no hub): SD 1.x/2.x-shaped
-(from test_pipeline), SDXL (two CLIP text encoders, micro-conditioned UNet) and SD3 (two CLIPs + T5,
+"""Tiny random image decoders of each family GILL supports, built in code (no hub): SD 1.x-shaped (in
+test_pipeline), SD 2.x-shaped, SDXL (two CLIP text encoders, micro-conditioned UNet) and SD3 (two CLIPs + T5,
 an MMDiT transformer, flow matching). Tokenizers are the BPEs of `tiny_tokenizers`."""
 
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from tiny_tokenizers import opt_like_tokenizer
@@ -35,6 +35,20 @@ def tiny_vae(seed: int = 0, **extra) -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                          up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), latent_channels=4,
                          norm_num_groups=4, sample_size=16, layers_per_block=1, **extra).eval()
+
+
+def tiny_sd2_pipeline(tmp_path) -> StableDiffusionPipeline:
+    """SD 2.x's shape: a wider OpenCLIP-like text encoder, linear-projection attention with per-block
+    head sizes, v-prediction."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=4,
+    ).eval()
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=clip_text(24, seed=1), tokenizer=clip_tokenizer(tmp_path), unet=unet,
+                                   scheduler=DDIMScheduler(prediction_type="v_prediction"), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def tiny_sdxl_pipeline(tmp_path, force_zeros_for_empty_prompt: bool = True) -> StableDiffusionXLPipeline:
