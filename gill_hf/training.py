@@ -57,6 +57,12 @@ class GillTrainingArguments(TrainingArguments):
         metadata={"help": "Probability of the two-caption concatenation augmentation per pass (0 disables; "
                           "default: the model config's, 0.5 as in the reference)."},
     )
+    contrastive_gather: str | None = field(
+        default=None,
+        metadata={"help": "Multi-process contrastive negatives: 'reference' (gradient through the local slice only, the "
+                          "original code's) or 'autograd' (the gradient equals a single process's on the global batch); "
+                          "default: the model config's ('reference').", "choices": [None, "reference", "autograd"]},
+    )
     rescale_img_rows: bool = field(
         default=True, metadata={"help": "Renormalise the [IMG] rows to the LM's mean row norm after each step (reference)."}
     )
@@ -168,6 +174,9 @@ class GillTrainer(Trainer):
         self._component_counts: dict[str, int] = {}
         if self._gill_arg("rescale_img_rows", True):
             self.add_callback(RescaleImgRowsCallback())
+        gather = self._gill_arg("contrastive_gather", None)
+        if gather is not None and self.model is not None:
+            _unwrap(self.model).config.contrastive_gather = gather  # saved with the checkpoints' config
 
     def _gill_arg(self, name: str, default):
         return getattr(self.args, name, default)

@@ -65,6 +65,10 @@ class GillConfig(PreTrainedConfig):
         decision_dropout (`float`, defaults to 0.5): dropout before the decision head's linear layer.
         caption_loss_scale, text_loss_scale, contrastive_loss_scale, gen_loss_scale (`float`, 1.0):
             weights of the loss components (the reference's are all 1.0).
+        contrastive_gather (`str`, defaults to `"reference"`): how the contrastive loss gathers negatives
+            across processes: `"reference"` (gradient through the local slice only, as the original
+            code) or `"autograd"` (`torch.distributed.nn`; DDP's averaged gradient then equals a single
+            process's on the concatenated batch).
         concat_captions_prob (`float`, defaults to 0.5):
             Probability, per pass, of the reference's two-caption concatenation augmentation when
             training (the trainer passes it to `forward`).
@@ -140,6 +144,7 @@ class GillConfig(PreTrainedConfig):
     text_loss_scale: float = 1.0
     contrastive_loss_scale: float = 1.0
     gen_loss_scale: float = 1.0
+    contrastive_gather: Literal["reference", "autograd"] = "reference"
     concat_captions_prob: float = 0.5
     logit_scale_init_value: float = math.log(1 / 0.07)
     freeze_lm: bool = True
@@ -192,6 +197,8 @@ class GillConfig(PreTrainedConfig):
                              f"pooled conditioning; got `pooled_emb_dim`={self.pooled_emb_dim!r}.")
         if self.pooled_emb_dim is not None and (not _is_int(self.pooled_emb_dim) or self.pooled_emb_dim <= 0):
             raise ValueError(f"`pooled_emb_dim` must be None or a positive integer, got {self.pooled_emb_dim!r}.")
+        if self.contrastive_gather not in ("reference", "autograd"):
+            raise ValueError(f"`contrastive_gather` must be 'reference' or 'autograd', got {self.contrastive_gather!r}.")
         if not 0.0 <= self.concat_captions_prob <= 1.0:
             raise ValueError(f"`concat_captions_prob` must lie in [0, 1], got {self.concat_captions_prob!r}.")
 

@@ -154,7 +154,8 @@ def training_forward(model, input_ids, pixel_values=None, image_features=None, g
         rows = paired.nonzero().squeeze(1)
         out.text_embeds = model.get_text_retrieval_embeds(out.img_hidden_states[rows])
         out.image_embeds = model.get_image_retrieval_embeds(image_features=features[rows])
-        image_side, text_side = gather_across_processes(out.image_embeds), gather_across_processes(out.text_embeds)
+        mode = config.contrastive_gather
+        image_side, text_side = gather_across_processes(out.image_embeds, mode), gather_across_processes(out.text_embeds, mode)
         out.logits_per_image = model.logit_scale.exp() * image_side @ text_side.T
         out.contrastive_loss = symmetric_info_nce(out.logits_per_image)
     if gen_targets is not None:
@@ -207,11 +208,33 @@ def per_token_l2_distance(prompt_embeds: torch.Tensor, targets: torch.Tensor) ->
     return (prompt_embeds.float() - targets.float()).pow(2).sum(-1).sqrt().mean()
 
 
-def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gathers along the batch so contrastive negatives span every process; the local slice
-    keeps its gradient (as the reference's training loop does)."""
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather whose backward returns to each process the gradient of its slice summed over every
+    process's loss (each process's loss reads every slice). Slices must have equal sizes."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor)
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_across_processes(tensor: torch.Tensor, mode: str = "reference") -> torch.Tensor:
+    """All-gathers along the batch so contrastive negatives span every process. `"reference"`: only
+    the local slice keeps its gradient (the reference's loop; under DDP's averaging the contrastive
+    gradient is 1/world of a single process's on the whole batch). `"autograd"`: gradients flow back
+    to every slice's process, so DDP's average equals the single-process gradient on the concatenated
+    batch (equal per-process batches)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
+    if mode == "autograd":
+        return _GatherWithGradient.apply(tensor.contiguous())
     gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor.contiguous())
     gathered[dist.get_rank()] = tensor

@@ -222,15 +222,15 @@ def test_evaluation_logs_components_and_retrieval_metrics(tmp_path):
 # ----- two processes: the contrastive loss sees the global batch ----------------------------------
 
 
-def _two_process_worker(rank, world, port, output_dir, results):
+def _two_process_worker(rank, world, port, output_dir, results, gather="reference"):
     """One process of a two-process CPU run (gloo): GillTrainer under DDP, then a bare forward."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     batch = training_batch(batch=6, seed=11)
     trainer = GillTrainer(model=tiny_gill("opt", seed=5), train_dataset=ListDataset(batch), data_collator=stack,
-                          args=args(output_dir, per_device_train_batch_size=3))
+                          args=args(output_dir, per_device_train_batch_size=3, contrastive_gather=gather))
     trainer.train()  # each process trains on its 3 examples; the model gathers the other 3 as negatives
-    model = tiny_gill("opt", seed=5)
+    model = tiny_gill("opt", seed=5, contrastive_gather=gather)
     out = model(**{k: v.chunk(world)[rank] for k, v in batch.items()})
     out.contrastive_loss.backward()
     results[rank] = (trainer.state.log_history[0], out.contrastive_loss.item(), model.text_retrieval_projection.weight.grad.clone())
@@ -238,7 +238,8 @@ def _two_process_worker(rank, world, port, output_dir, results):
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_contrastive_loss_equals_single_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("gather", ["reference", "autograd"])
+def test_two_processes_contrastive_loss_equals_single_process_on_the_whole_batch(tmp_path, gather):
     import socket
 
     batch = training_batch(batch=6, seed=11)
@@ -250,14 +251,20 @@ def test_two_processes_contrastive_loss_equals_single_process_on_the_whole_batch
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_two_process_worker, args=(2, port, str(tmp_path), results), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_two_process_worker, args=(2, port, str(tmp_path), results, gather), nprocs=2, join=True,
+                       start_method="spawn")
     for rank in (0, 1):
         log, bare, _ = results[rank]
         assert log["contrastive_loss"] == pytest.approx(single, abs=1e-6)  # GillTrainer under DDP, logged
         assert bare == pytest.approx(single, abs=1e-6)
-    # Each process keeps the gradient of its own examples: the two parts add up to the whole
-    # (DDP's averaging then scales it by 1/2, as in the reference's loop).
-    assert torch.allclose(results[0][2] + results[1][2], single_grad, atol=1e-6)
+    if gather == "reference":
+        # Each process keeps the gradient of its own examples: the two parts add up to the whole
+        # (DDP's averaging then scales it by 1/2, as in the reference's loop).
+        assert torch.allclose(results[0][2] + results[1][2], single_grad, atol=1e-6)
+    else:
+        # Gradients flow back through the gather (each process's loss reads both halves), so DDP's
+        # average of the two processes' gradients is the single-process gradient on the whole batch.
+        assert torch.allclose((results[0][2] + results[1][2]) / 2, single_grad, atol=1e-6)
 
 
 def test_retrieval_recall_metric_module_and_ties():
