@@ -27,7 +27,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from gill_hf import GillConfig, GillForConditionalGeneration
-from gill_hf.modeling.modeling_gill import causal_lm_loss
+from gill_hf.modeling.training_passes import causal_lm_loss
 
 LENGTH = 32  # reference max_len
 

@@ -1,0 +1,47 @@
+"""benchmarks/reference_size.py, the reference-size script shared by the training and inference GPU
+figures: its configuration is the reference's (the GILL heads' exact parameter count, built on the
+meta device), and its CPU path runs end to end at tiny sizes with the decoding paths agreeing.
+Budget: about 25 s on 2 cores."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from gill_hf import GillForConditionalGeneration
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_size.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("reference_size", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_builder_is_the_reference_configuration():
+    script = load_script()
+    with torch.device("meta"):
+        model = GillForConditionalGeneration(script.gill_config(tiny=False))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 50_096_385  # the reference's GILL heads
+    assert model.config.text_config.hidden_size == 4096 and model.config.vision_config.hidden_size == 1024
+    assert model.config.num_clip_tokens == 77 and model.config.gen_emb_dim == script.SD15_UNET["cross_attention_dim"]
+
+
+def test_the_cpu_path_runs_at_tiny_sizes(tmp_path):
+    script = load_script()
+    torch.set_num_threads(2)
+    report = script.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--warmup", "2", "--train-steps", "2",
+                          "--batch", "4", "--new-tokens", "8", "24", "--image-steps", "2", "--image-repeats", "1",
+                          "--output", str(tmp_path / "report.json")])
+    with torch.device("meta"):
+        tiny = GillForConditionalGeneration(script.gill_config(tiny=True))
+    assert report["gill_head_parameters"] == sum(p.numel() for p in tiny.parameters() if p.requires_grad)
+    assert report["train"]["gill"]["steps_per_s"] > 0 and report["train"]["speed-up"] > 0
+    for n in ("8", "24"):  # the KV-cached decoding and the reference's re-run loop pick the same tokens
+        assert report["decode"][n]["tokens_identical"] is True
+    assert report["image"]["no offload"]["s_per_image"] > 0 and report["image"]["model cpu offload"] == "needs a GPU"
+    assert (tmp_path / "report.json").is_file()
