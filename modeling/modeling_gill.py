@@ -116,6 +116,9 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
                 for module in backbone.modules():
                     module._is_hf_initialized = True
         self._check_backbones()
+        # What FSDP / accelerate's device maps must keep whole: the backbones' own layers and the mapper.
+        self._no_split_modules = list(dict.fromkeys(
+            ["GillMapper", *(self.language_model._no_split_modules or []), *(self.vision_model._no_split_modules or [])]))
 
         text_hidden = config.text_config.hidden_size
         vision_hidden = config.vision_config.hidden_size

@@ -28,6 +28,12 @@ def _saved_bytes(model, batch) -> int:
     return total
 
 
+@pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
+def test_no_split_modules_name_the_backbones_layers_and_the_mapper(kind):
+    layer = {"opt": "OPTDecoderLayer", "llama": "LlamaDecoderLayer", "gpt2": "GPT2Block"}[kind]
+    assert {"GillMapper", layer, "CLIPEncoderLayer"} <= set(tiny_gill(kind)._no_split_modules)
+
+
 @pytest.mark.parametrize("kind", ["opt", "llama"])
 def test_gradient_checkpointing_checkpoints_the_frozen_lm_and_keeps_gradients(kind):
     batch = training_batch(batch=4, seed=2)
