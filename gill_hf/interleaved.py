@@ -1,4 +1,5 @@
-"""Interleaved training examples (DESIGN.md section 11) and readers for the real interleaved formats.
+"""Interleaved training examples (a context of text and images -> the image it should produce) and
+readers for the real interleaved formats.
 
 An example is a `datasets` row of `INTERLEAVED_FEATURES`:
 

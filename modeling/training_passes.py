@@ -1,5 +1,5 @@
 """The two LM passes of GILL's training forward, built from `[BOS caption [IMG0..7] pad]` rows as
-the reference builds them (GILL_SPEC.md section 3), and the pieces of its losses.
+the reference implementation builds them, and the pieces of its losses.
 
 A pass row is a *piece*: `(embeds, labels, body_end, bos_position, img_block_start)`; `body_end`
 splits the example from its tail (what follows the caption or the block), which the reference's

@@ -124,7 +124,7 @@ class GillDecodingState:
 
 
 class GillLogitsProcessor(LogitsProcessor):
-    """GILL's candidate rules (GILL_SPEC.md section 4; DESIGN.md section 2).
+    """GILL's candidate rules (the reference implementation's, and this package's default mode).
 
     In every mode: `[IMG1..7]` are never chosen on their own, after `[IMG0]` the rest of the block is
     forced, padding rows (ids >= the tokenizer size) are masked, `[IMG0]` is masked for the first

@@ -80,7 +80,7 @@ def test_payloads_against_every_admitted_global_are_refused_and_change_nothing(t
 
 
 def test_a_file_that_sets_the_rebuild_defaults_cannot_negate_later_loads(tmp_path, known_file):
-    """The attack of the issue: BUILD on torch's rebuild function with negating metadata defaults,
+    """A known attack: BUILD on torch's rebuild function with negating metadata defaults,
     followed by an ordinary tensor in the same file."""
     rows = torch.randn(2, 4)
     good = pickle.dumps({"paths": ["a", "b"], "embeddings": list(rows)}, protocol=2)

@@ -1,4 +1,4 @@
-"""The package's import structure (DESIGN.md section 1): dependencies point one way, the CLI sits on
+"""The package's import structure: dependencies point one way, the CLI sits on
 top and nothing imports it, the embedded registry knows nothing of the world, no import cycles.
 Every import counts, including those inside functions. Budget: < 1 s."""
 

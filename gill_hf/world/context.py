@@ -1,5 +1,5 @@
 """Context-dependent world examples with exact labels: the final scene depends on earlier sentences,
-earlier images or the dialogue so far (DESIGN.md section 11, in the world's own vocabulary).
+earlier images or the dialogue so far (in the world's own vocabulary).
 
 Kinds (every final scene is one object; its attributes are exact):
 
