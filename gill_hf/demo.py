@@ -260,6 +260,27 @@ def _write_grid(results: dict[str, list[Item]], path: Path) -> None:
 # ----- command ---------------------------------------------------------------------------------------------
 
 
+class StageClock:
+    """Wall time spent inside given modules' forward calls (PyTorch forward hooks), per stage; what a
+    section spent elsewhere (tokenizing, the schedulers, images, Python) is its `other`."""
+
+    def __init__(self, stages: dict[str, object]):
+        self.totals = dict.fromkeys(stages, 0.0)
+        self._started: dict[str, float] = {}
+        for name, module in stages.items():
+            module.register_forward_pre_hook(lambda _m, _a, name=name: self._started.__setitem__(name, time.perf_counter()))
+            module.register_forward_hook(lambda _m, _a, _o, name=name: self._stop(name))
+
+    def _stop(self, name: str) -> None:
+        self.totals[name] += time.perf_counter() - self._started.pop(name)
+
+    def section(self, wall: float) -> dict[str, float]:
+        """The stages' times since the last call, with the section's wall time and the rest."""
+        spent = {name: round(value, 2) for name, value in self.totals.items()}
+        self.totals = dict.fromkeys(self.totals, 0.0)
+        return {"wall": round(wall, 2), **spent, "other": round(wall - sum(spent.values()), 2)}
+
+
 def run_demo(args) -> dict:
     import torch
 
@@ -274,21 +295,27 @@ def run_demo(args) -> dict:
     pipe = load_gill_tiny_pipeline(args.model, args.sd)
     dataset = pipe.retrieval_index.dataset
     judge = load_judge()
+    timings = {"load": round(time.time() - start, 2)}
     progress.step(f"loaded GILL-tiny, world SD, judge and a {len(dataset)}-image retrieval index")
+    clock = StageClock({"decode (LM)": pipe.gill_model.language_model, "vision": pipe.gill_model.vision_model,
+                        "denoise (UNet)": pipe.unet, "judge": judge})  # the VAE decodes outside forward: in "other"
     results = {}
     runners = {"text-to-image": text_to_image, "image-to-text": image_to_text}
     with torch.no_grad():
         for key, title in SECTIONS:
+            section_start = time.time()
             if key == "retrieve-or-generate":
                 results[key] = retrieve_or_generate(pipe, judge, args, dataset)
             elif key in CONTEXT_SECTIONS:
                 results[key] = context_section(pipe, judge, args, CONTEXT_SECTIONS[key])
             else:
                 results[key] = runners[key](pipe, judge, args)
+            timings[key] = clock.section(time.time() - section_start)
             progress.step(title)
     meta = {"seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance_scale,
             "model": str(args.model or "gill_hf/world/assets/gill_tiny"), "sd": str(args.sd or "gill_hf/world/assets/sd"),
-            "decision_head": pipe.gill_model.config.decision_head_type, "wall_s": round(time.time() - start, 1)}
+            "decision_head": pipe.gill_model.config.decision_head_type, "wall_s": round(time.time() - start, 1),
+            "timings_s": timings}
     output_dir = Path(args.output_dir)
     summary = write_report(results, output_dir, meta)
     print(f"GILL-tiny demo ({meta['wall_s']} s): {output_dir / 'report.html'}, {output_dir / 'grid.png'}")

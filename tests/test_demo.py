@@ -1,6 +1,7 @@
 """Smoke test of `gill-hf demo` on the committed GILL-tiny + world SD, with reduced steps."""
 
 import argparse
+import json
 import re
 
 import pytest
@@ -63,6 +64,14 @@ def test_demo_runs_every_capability(tmp_path, capsys):
     assert "<section id='summary'>" in page
     assert len(re.findall("data:image/png;base64,", page)) >= 8
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "summary.json").is_file()
+    # summary.json breaks each section's wall time down by stage (forward hooks on the models)
+    timings = json.loads((tmp_path / "summary.json").read_text())["meta"]["timings_s"]
+    assert timings["load"] > 0 and set(timings) == {"load", *(key for key, _ in demo.SECTIONS)}
+    for key, _ in demo.SECTIONS:
+        stages = timings[key]
+        assert stages["wall"] > 0 and stages["decode (LM)"] > 0 and stages["other"] >= -0.01, (key, stages)
+        assert sum(v for k, v in stages.items() if k not in ("wall", "other")) <= stages["wall"] + 0.01
+    assert timings["text-to-image"]["denoise (UNet)"] > 0 and timings["text-to-image"]["judge"] > 0
     printed = capsys.readouterr().out
     assert f"[demo {len(demo.SECTIONS) + 1}/{len(demo.SECTIONS) + 1}" in printed and "report.html" in printed
     # Every text -> image sample is judged; the decision section reports probabilities when a head exists.
