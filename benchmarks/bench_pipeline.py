@@ -9,6 +9,9 @@ configuration beside them.
     StableDiffusionPipeline with the same prompt_embeds).
 (c) retrieval: single-query top-5 latency, memory-mapped load time and batched queries/s for
     indexes of 10 k / 100 k / 1 M entries of dim 256 (fp32).
+(d) batched serving on GILL-tiny: 8 prompts of different lengths in one call (one padded decoding
+    batch, one denoising batch) against the same prompts one call at a time, 25 DDIM steps: prompts/s,
+    images/s, and whether the outputs agree (same token ids; images within 1/255).
 
     python benchmarks/bench_pipeline.py                       # everything
     python benchmarks/bench_pipeline.py --parts a --new-tokens 32,128
@@ -227,9 +230,54 @@ def bench_retrieval(sizes: list[int], dim: int = 256, batch: int = 64, storage=(
                 os.sync()
 
 
+# ----- (d) batched serving ------------------------------------------------------------------------------
+
+SERVING_PROMPTS = [
+    "Draw a big red circle in the top left corner.",
+    "A small blue square.",
+    "Show me a large green triangle at the bottom right, please, on a dark background.",
+    "A tiny yellow cross in the center.",
+    "Please draw a purple diamond in the top right corner, and make it big.",
+    "An orange circle.",
+    "Draw a small cyan square near the bottom left corner of the picture.",
+    "A big pink triangle at the top.",
+]
+
+
+def bench_serving(steps: int = 25, repeat: int = 3) -> None:
+    import numpy as np
+
+    from gill_hf.world.gill_tiny import load_gill_tiny_pipeline
+
+    pipe = load_gill_tiny_pipeline(retrieval=False)
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(force_image=True, max_images=1, max_new_tokens=12, num_inference_steps=steps, image_source="generated", output_type="np")
+
+    def generators():
+        return [torch.Generator().manual_seed(k) for k in range(len(SERVING_PROMPTS))]
+
+    def batched():
+        return pipe(prompt=SERVING_PROMPTS, generator=generators(), **settings)
+
+    def one_at_a_time():
+        return [pipe(prompt=p, generator=g, **settings) for p, g in zip(SERVING_PROMPTS, generators())]
+
+    batched(), one_at_a_time()  # warm-up
+    t_batch, together = timed(batched, repeat)
+    t_alone, alone = timed(one_at_a_time, repeat)
+    same_tokens = all(together.token_ids[k] == out.token_ids[0] for k, out in enumerate(alone))
+    image_gap = max(float(np.abs(together.images[k][0] - out.images[0][0]).max()) for k, out in enumerate(alone))
+    n, images = len(SERVING_PROMPTS), sum(len(i) for i in together.images)
+    header("(d) batched serving: 8 GILL-tiny prompts in one call vs one call each", model="GILL-tiny (shipped)",
+           threads=torch.get_num_threads(), prompts=n, num_inference_steps=steps, repeat=repeat)
+    print(f"one call: {n / t_batch:.2f} prompts/s, {images / t_batch:.2f} images/s | one at a time: {n / t_alone:.2f} prompts/s, "
+          f"{images / t_alone:.2f} images/s | speed-up {t_alone / t_batch:.2f}x | tokens identical: {same_tokens}, "
+          f"largest image difference {image_gap * 255:.2f}/255")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="a,b,c", help="which benchmarks: a, b, c")
+    parser.add_argument("--parts", default="a,b,c,d", help="which benchmarks: a, b, c, d")
     parser.add_argument("--new-tokens", default="32,128,512")
     parser.add_argument("--retrieval-sizes", default="10000,100000,1000000")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -247,6 +295,8 @@ def main() -> None:
         bench_pipeline(dtype, args.sd_steps)
     if "c" in parts:
         bench_retrieval([int(n) for n in args.retrieval_sizes.split(",")])
+    if "d" in parts:
+        bench_serving()
 
 
 if __name__ == "__main__":
