@@ -148,8 +148,16 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     _fsync(folder)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _staged_files(staging: Path) -> dict[str, dict]:
-    entries = {}
+    """Name -> size and sha256 of every file a save staged; each gets the permissions a plain `open`
+    gives (0o666 minus the umask): some writers (safetensors) create their files 0o600."""
+    entries, umask = {}, _current_umask()
     for path in sorted(staging.rglob("*")):
         relative = path.relative_to(staging).as_posix()
         if relative == MANIFEST_NAME or any(part.startswith(_STAGING_PREFIX) for part in path.relative_to(staging).parts):
@@ -157,6 +165,7 @@ def _staged_files(staging: Path) -> dict[str, dict]:
         if path.is_symlink():
             raise ValueError(f"A save wrote a symbolic link ({relative!r}); saves write plain files only.")
         if path.is_file():
+            path.chmod(0o666 & ~umask)
             _fsync(path)
             entries[relative] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return entries

@@ -346,3 +346,6 @@ def test_saved_folders_keep_normal_permissions(tmp_path):
     for folder in (tmp_path / "m", tmp_path / "i"):
         assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
         assert (folder / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    # safetensors creates its files 0o600; saved weights are readable like every other file
+    for weights in (tmp_path / "m" / "model.safetensors", tmp_path / "i" / "embeddings.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~umask, weights
