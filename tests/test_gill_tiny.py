@@ -95,6 +95,28 @@ def test_shipped_adapter_is_small_fp16_and_names_its_backbones():
         assert config[key] == value
 
 
+def test_export_writes_a_verified_fp16_folder_from_a_manifest_checkpoint(tmp_path):
+    """`gill-tiny export` of a checkpoint saved with a manifest (as `gill-hf train` writes them): the
+    output's own manifest names the fp16 files, the processor's files come along, Trainer's do not."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from gill_hf.modeling.manifest import save_folder, verify_folder
+
+    checkpoint = tmp_path / "checkpoint-3"
+    with save_folder(checkpoint) as staging:
+        save_file({"mapper.w": torch.randn(4, 4), "step": torch.tensor([3])}, str(staging / "gill_adapter.safetensors"))
+        (staging / "config.json").write_text("{}")
+    for name in ("tokenizer.json", "chat_template.jinja", "trainer_state.json", "all_results.json"):
+        (checkpoint / name).write_text("{}")
+    out = gill_tiny.export(checkpoint, tmp_path / "exported")
+    verify_folder(out)  # raises on a size or digest mismatch
+    weights = load_file(str(out / "gill_adapter.safetensors"))
+    assert weights["mapper.w"].dtype == torch.float16 and weights["step"].dtype == torch.int64
+    assert {"tokenizer.json", "chat_template.jinja"} <= set(os.listdir(out))
+    assert not {"trainer_state.json", "all_results.json"} & set(os.listdir(out))
+
+
 # Measured on the committed GILL-tiny minus a margin (a fixed, seeded eval set of 30 queries and 60 prompts):
 # retrieval top-1 0.867 (26/30), decision accuracy 0.750 (45/60); the margin is 2 queries and 3 prompts.
 # (The model before the retrieval refit measured 0.733 and 0.700 here.)

@@ -244,6 +244,10 @@ def retrieval_argv(checkpoint: str | os.PathLike, output_dir: str | None = None,
 # ----- step 4: export and ship ---------------------------------------------------------------------------------------
 
 
+PROCESSOR_FILE_PREFIXES = ("processor_config", "preprocessor_config", "tokenizer", "special_tokens_map", "added_tokens",
+                           "chat_template", "vocab", "merges")
+
+
 def export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
     """A `gill-hf train` checkpoint (adapter tensors fp32, LoRA tensors under `lora/` if any) -> the
     shipped adapter folder (fp16). The model's files go through the manifest save; the processor's
@@ -268,8 +272,8 @@ def export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None =
             else:
                 shutil.copy2(checkpoint / name, target)
         shutil.copy2(checkpoint / "config.json", staging / "config.json")
-    for name in os.listdir(checkpoint):  # the processor's files
-        if name not in ("config.json", "trainer_state.json") and (name.endswith((".json", ".jinja", ".txt"))):
+    for name in os.listdir(checkpoint):  # the processor's files (never the checkpoint's manifest or Trainer's files)
+        if name.startswith(PROCESSOR_FILE_PREFIXES):
             shutil.copy2(checkpoint / name, output_dir / name)
     return output_dir
 
