@@ -276,9 +276,10 @@ class StageClock:
 
     def section(self, wall: float) -> dict[str, float]:
         """The stages' times since the last call, with the section's wall time and the rest."""
-        spent = {name: round(value, 2) for name, value in self.totals.items()}
+        # 4 decimals: a fast stage (the judge, a few ms) must not round to zero
+        spent = {name: round(value, 4) for name, value in self.totals.items()}
         self.totals = dict.fromkeys(self.totals, 0.0)
-        return {"wall": round(wall, 2), **spent, "other": round(wall - sum(spent.values()), 2)}
+        return {"wall": round(wall, 4), **spent, "other": round(wall - sum(spent.values()), 4)}
 
 
 def run_demo(args) -> dict:

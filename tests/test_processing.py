@@ -255,7 +255,9 @@ def test_truncation_never_cuts_inside_a_visual_run(processor):
 
     columns = datasets.Dataset.from_dict({"caption": ["A dog.", "Two birds."], "image": [RED, GREEN]})
     from_columns = processor.build_training_inputs(columns["caption"], images=columns["image"], max_length=16)
-    assert from_columns.input_ids.tolist() == out.input_ids.tolist()
+    from_lists = processor.build_training_inputs(["A dog.", "Two birds."], images=[RED, GREEN], max_length=16)
+    assert from_columns.input_ids.tolist() == from_lists.input_ids.tolist()
+    torch.testing.assert_close(from_columns.pixel_values, from_lists.pixel_values)
 
 
 def test_truncation_that_leaves_nothing_is_an_error(processor):
