@@ -34,7 +34,7 @@ COMMAND_MODULES = (
 
 
 def _train(namespace: argparse.Namespace) -> None:
-    from .training import train_from_argv
+    from .train_recipe import train_from_argv
 
     train_from_argv(namespace.extra_args)
 

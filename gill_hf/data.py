@@ -13,6 +13,7 @@ Precomputation, each once per dataset and stored with it through `datasets.map` 
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import os
@@ -60,14 +61,22 @@ def _open_image(value: Any) -> PIL.Image.Image:
     return rgb
 
 
+def _read_array(value: Any) -> Any:
+    """A `.npy` path or `.npy` bytes (webdataset target shards) -> array, read without pickles; other
+    values as they are."""
+    if isinstance(value, (str, os.PathLike)):
+        return np.load(value, allow_pickle=False)
+    if isinstance(value, bytes):
+        return np.load(io.BytesIO(value), allow_pickle=False)
+    return value
+
+
 def _load_target(value: Any, num_clip_tokens: int | None, gen_emb_dim: int | None = None) -> torch.Tensor:
     """An array-like target, or a path to a `.npy` file (read without pickles), -> float tensor,
     cut to the first `num_clip_tokens` rows as the reference does. A target of another shape, or
     holding NaN/inf (an fp16 overflow would turn every GILL weight into NaN on the first step),
     raises (the collator counts the row as skipped)."""
-    if isinstance(value, (str, os.PathLike)):
-        value = np.load(value, allow_pickle=False)
-    target = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    target = torch.as_tensor(np.asarray(_read_array(value), dtype=np.float32))
     if target.ndim != 2:
         raise ValueError(f"a generation target must be (tokens, dim), got shape {tuple(target.shape)}")
     target = target[:num_clip_tokens] if num_clip_tokens else target
@@ -82,7 +91,7 @@ def _load_pooled_target(value: Any, pooled_emb_dim: int) -> torch.Tensor:
     """A pooled target (the decoder's pooled vector of the caption) -> float tensor `(pooled_emb_dim,)`."""
     if value is None:
         raise ValueError("the example has no pooled generation target")
-    target = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    target = torch.as_tensor(np.asarray(_read_array(value), dtype=np.float32))
     if target.shape != (pooled_emb_dim,):
         raise ValueError(f"a pooled generation target must be ({pooled_emb_dim},), got {tuple(target.shape)}")
     if not torch.isfinite(target).all():
@@ -162,6 +171,8 @@ class GillDataCollator:
         self.require_targets = require_targets
         self.interleaved_max_length = interleaved_max_length
         self.skipped: Counter[str] = Counter()
+        # A streamed training dataset whose `state_dict()` each batch carries (`shards.StreamStateCallback`).
+        self.stream = None
 
     @property
     def num_skipped(self) -> int:
@@ -179,6 +190,9 @@ class GillDataCollator:
 
     def _row(self, example: dict, require: bool, expected_dim: int | None) -> _Row | None:
         """The example as a `_Row`, or None when it was skipped (counted)."""
+        if example.get("skip_reason"):  # a stream's marker for data it could not read (e.g. a bad shard)
+            self._skip(example["skip_reason"], example)
+            return None
         interleaved = "segments" in example
         row = _Row()
         text = example.get("target_caption" if interleaved else self.caption_column)
@@ -231,9 +245,11 @@ class GillDataCollator:
         if any(cached) and (not all(cached) or interleaved):
             raise ValueError(f"A batch mixes cached `{self.features_column}` with raw images (interleaved rows always "
                              "carry raw images); cache the features of caption-only data.")
-        if not interleaved:  # caption training exactly as the reference builds it
-            return self._caption_batch(captions, require)
-        return self._mixed_batch(captions, interleaved, require)
+        # caption training exactly as the reference builds it when there is no interleaved row
+        batch = self._mixed_batch(captions, interleaved, require) if interleaved else self._caption_batch(captions, require)
+        if self.stream is not None:  # the stream's position after this batch's examples
+            batch["stream_state"] = copy.deepcopy(self.stream.state_dict())
+        return batch
 
     def _caption_batch(self, rows: list[_Row], require: bool) -> dict[str, torch.Tensor]:
         cached = rows[0].feature is not None
@@ -469,6 +485,12 @@ def add_generation_targets(dataset, sd_model: str, batch_size: int = 128, captio
     `gill_hf.decoders`). SD 1.x/2.x (or a folder holding only `text_encoder/` + `tokenizer/`): the text
     encoder's `last_hidden_state`, exactly as the reference; others: their pipeline's `encode_prompt`.
     The encoders run in fp32 whatever the folder stores (fp16 text encoders are slow on a CPU)."""
+    return generation_target_adder(sd_model, batch_size)(dataset, caption_column)
+
+
+def generation_target_adder(sd_model: str, batch_size: int = 128):
+    """Loads decoder `sd_model`'s text encoders once and returns `add(dataset, caption_column)`, which
+    is [`add_generation_targets`] with them (for callers that add targets to many datasets)."""
     from .decoders import decoder_family, load_decoder
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -478,9 +500,11 @@ def add_generation_targets(dataset, sd_model: str, batch_size: int = 128, captio
 
         encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", dtype=torch.float32).to(device)
         tokenizer = AutoTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
-        return precompute_gen_targets(dataset, encoder, tokenizer, batch_size=batch_size, caption_column=caption_column)
+        return lambda dataset, caption_column="caption": precompute_gen_targets(
+            dataset, encoder, tokenizer, batch_size=batch_size, caption_column=caption_column)
     decoder = load_decoder(sd_model, text_only=True, torch_dtype=torch.float32).to(device)
-    return precompute_decoder_targets(dataset, decoder, batch_size=min(batch_size, 32), caption_column=caption_column)
+    return lambda dataset, caption_column="caption": precompute_decoder_targets(
+        dataset, decoder, batch_size=min(batch_size, 32), caption_column=caption_column)
 
 
 # ----- `gill-hf precompute-targets` ------------------------------------------------------------------
@@ -533,6 +557,18 @@ def precompute_targets(output_dir: str | os.PathLike, sd_model: str, *, train_ts
 
 
 def _precompute_targets(namespace) -> None:
+    if namespace.webdataset:
+        if namespace.train_tsv or namespace.dataset_name or namespace.model_name_or_path:
+            raise ValueError("`--webdataset` writes target shards only: it cannot be combined with `--train_tsv`, "
+                             "`--dataset_name` or `--model_name_or_path`.")
+        from .shards import precompute_shard_targets
+
+        counts = precompute_shard_targets(namespace.webdataset, namespace.output_dir, namespace.sd_model,
+                                          generation_target_adder, namespace.batch_size, namespace.num_proc)
+        print(f"Target shards in {namespace.output_dir}: {counts}")
+        return
+    if namespace.num_proc > 1:
+        raise ValueError("`--num_proc` splits `--webdataset` shards; the other sources are one `datasets.map`.")
     precompute_targets(namespace.output_dir, namespace.sd_model, train_tsv=namespace.train_tsv, image_dir=namespace.image_dir,
                        dataset_name=namespace.dataset_name, dataset_config_name=namespace.dataset_config_name,
                        split=namespace.split, image_column=namespace.image_column, caption_column=namespace.caption_column,
@@ -545,6 +581,10 @@ def register_data_commands(subparsers) -> None:
     p.add_argument("--train_tsv", default=None, help="CC3M layout TSV (`caption\\timage`).")
     p.add_argument("--image_dir", default=None, help="Its image folder.")
     p.add_argument("--dataset_name", default=None, help="Or a `datasets` dataset / saved folder with image + caption columns.")
+    p.add_argument("--webdataset", default=None, help="Or webdataset shards (img2dataset's {key}.jpg/.txt): a folder, glob or "
+                                                      "comma-separated paths; writes one target shard per input shard.")
+    p.add_argument("--num_proc", type=int, default=1, help="With --webdataset: local processes sharing the shards (under "
+                                                           "`accelerate launch`, per launched process).")
     p.add_argument("--dataset_config_name", default=None)
     p.add_argument("--split", default="train")
     p.add_argument("--image_column", default="image")
@@ -552,7 +592,8 @@ def register_data_commands(subparsers) -> None:
     p.add_argument("--sd_model", required=True, help="SD folder or hub id with text_encoder/ and tokenizer/.")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--model_name_or_path", default=None, help="A GILL checkpoint: also cache its frozen vision features.")
-    p.add_argument("--output_dir", required=True, help="Where the dataset is saved (`gill-hf train --dataset_name` reads it).")
+    p.add_argument("--output_dir", required=True, help="Where the dataset is saved (`gill-hf train --dataset_name` reads it; "
+                                                       "with --webdataset, the folder `gill-hf train --targets_dir` reads).")
     p.set_defaults(func=_precompute_targets)
 
 
@@ -562,6 +603,7 @@ __all__ = [
     "add_generation_targets",
     "cache_image_features",
     "encode_captions_for_sd",
+    "generation_target_adder",
     "load_cc3m_dataset",
     "precompute_decoder_targets",
     "precompute_gen_targets",

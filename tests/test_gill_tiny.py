@@ -30,7 +30,8 @@ def test_train_command_parses_with_gill_hf_train(tmp_path, monkeypatch):
     """Every flag of the recipe is one that `gill-hf train` knows, with the sizes of the recipe."""
     from transformers import HfArgumentParser
 
-    from gill_hf.training import GillDataArguments, GillModelArguments, GillTrainingArguments
+    from gill_hf.train_recipe import GillDataArguments, GillModelArguments
+    from gill_hf.training import GillTrainingArguments
 
     monkeypatch.setenv("GILL_HF_WORLD_CACHE", str(tmp_path))
     argv = gill_tiny.train_argv(max_steps=400, output_dir=str(tmp_path / "run"))

@@ -7,10 +7,12 @@ Budget: about 75 s on 2 cores (five short training processes).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import datasets
@@ -51,11 +53,13 @@ def setup(tmp_path_factory):
     return root
 
 
-def train(root: Path, output: str, processes: int, max_steps: int, *extra: str) -> dict:
-    """One `gill-hf train` run (global batch 8 = the whole dataset, so the split between processes does
-    not matter), through `accelerate launch` when `processes` > 1."""
-    command = ["-m", "gill_hf.cli", "train", "--model_name_or_path", str(root / "model"), "--dataset_name", str(root / "data"),
-               "--output_dir", str(root / output), "--per_device_train_batch_size", str(8 // processes), "--max_steps", str(max_steps),
+def train(root: Path, output: str, processes: int, max_steps: int, *extra: str, data: list[str] | None = None,
+          global_batch: int = 8) -> dict:
+    """One `gill-hf train` run, through `accelerate launch` when `processes` > 1. By default on the saved
+    dataset with global batch 8 = the whole dataset, so the split between processes does not matter."""
+    data = data or ["--dataset_name", str(root / "data")]
+    command = ["-m", "gill_hf.cli", "train", "--model_name_or_path", str(root / "model"), *data, "--output_dir", str(root / output),
+               "--per_device_train_batch_size", str(global_batch // processes), "--max_steps", str(max_steps),
                "--learning_rate", "1e-2", "--warmup_steps", "0", "--lr_step_size", "0", "--lr_scheduler_type", "constant",
                "--concat_captions_prob", "0", "--contrastive_gather", "autograd", "--logging_steps", "1", "--save_steps", "2",
                "--report_to", "none", "--seed", "0", "--use_cpu", "true", "--dataloader_num_workers", "0",
@@ -97,6 +101,68 @@ def test_a_stopped_two_process_run_resumes_to_the_same_end(setup):
     train(setup, "pieces", 2, 2)  # stopped after its checkpoint at step 2 (a constant LR: same schedule so far)
     resumed = train(setup, "pieces", 2, 4, "--resume_from_checkpoint", str(setup / "pieces" / "checkpoint-2"))
     assert_same_run(resumed, uninterrupted, tolerance=1e-6)
+
+
+def webdataset(root: Path, name: str, shards: list[list[int]]) -> list[str]:
+    """Shards of the setup's captions, images and targets (sample i of the setup's 8, cycled),
+    `shards[j]` listing the samples of shard j; with their target shards under `<name>_targets`."""
+    from test_shards import jpeg_bytes, write_shard
+
+    saved = datasets.load_from_disk(str(root / "data"))
+    folder, targets = root / name, root / f"{name}_targets"
+    folder.mkdir(), targets.mkdir()
+    for j, samples in enumerate(shards):
+        rows = [{"key": f"{j:05d}{n:04d}", "txt": saved[i % 8]["caption"], "jpg": jpeg_bytes(i)} for n, i in enumerate(samples)]
+        write_shard(folder / f"{j:05d}.tar", rows)
+        with tarfile.open(targets / f"{j:05d}.tar", "w") as archive:
+            for row, i in zip(rows, samples):
+                buffer = io.BytesIO()
+                np.save(buffer, np.asarray(saved[i % 8]["gen_targets"], dtype=np.float32) * (1 + i // 8))
+                info = tarfile.TarInfo(f"{row['key']}.gen_target.npy")
+                info.size = buffer.tell()
+                archive.addfile(info, io.BytesIO(buffer.getvalue()))
+    return ["--webdataset", str(folder), "--targets_dir", str(targets)]
+
+
+def test_two_processes_streaming_their_own_shards_equal_one_process_on_the_global_batches(setup):
+    # 2 processes, 2 rows each a step: rank 0 streams shard 0, rank 1 shard 1 (accelerate splits by shard),
+    # so global step k holds rows 2k, 2k+1 of shard 0 then of shard 1; one process streaming a shard in
+    # that order at batch 4 sees the same global batches.
+    shard0, shard1 = list(range(0, 6)), list(range(6, 12))
+    two = webdataset(setup, "wds_two", [shard0, shard1])
+    one = webdataset(setup, "wds_one", [[r for k in range(3) for r in shard0[2 * k:2 * k + 2] + shard1[2 * k:2 * k + 2]]])
+    single = train(setup, "wds_single", 1, 3, data=one, global_batch=4)
+    double = train(setup, "wds_double", 2, 3, data=two, global_batch=4)
+    assert_same_run(double, single)
+
+
+def test_a_stopped_streaming_run_resumes_from_the_stream_state_without_reading_consumed_shards(setup):
+    # 4 shards of 6 rows: each process streams 2 shards, 3 steps a shard. Stopped at step 4 (mid-way
+    # through each process's second shard) and resumed with the consumed shards overwritten by junk: a
+    # resume that re-read the stream would hit them (a skipped "bad shard", other batches).
+    shards = [list(range(6 * j, 6 * j + 6)) for j in range(4)]
+    uninterrupted = train(setup, "wds_whole", 2, 6, data=webdataset(setup, "wds_a", shards), global_batch=4)
+    data = webdataset(setup, "wds_b", shards)
+    train(setup, "wds_pieces", 2, 4, data=data, global_batch=4)
+    states = [json.loads((setup / "wds_pieces" / "checkpoint-4" / f"stream_state-{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(s["examples_iterable"]["shard_idx"] == 1 for s in states)  # each process is in its second shard
+    for consumed in ("00000.tar", "00002.tar"):
+        (setup / "wds_b" / consumed).write_bytes(b"junk" * 100)
+    resumed = train(setup, "wds_pieces", 2, 6, "--resume_from_checkpoint", str(setup / "wds_pieces" / "checkpoint-4"),
+                    data=data, global_batch=4)
+    assert "skipped_examples" not in resumed["logs"][-1]
+    assert_same_run(resumed, uninterrupted, tolerance=1e-6)
+
+
+def test_streaming_needs_max_steps_and_target_shards(setup):
+    from gill_hf.train_recipe import train_from_argv
+
+    data = webdataset(setup, "wds_checks", [[0, 1], [2, 3]])
+    base = ["--model_name_or_path", str(setup / "model"), "--output_dir", str(setup / "checks"), "--use_cpu", "true"]
+    with pytest.raises(ValueError, match="--max_steps"):
+        train_from_argv([*base, *data])
+    with pytest.raises(ValueError, match="precompute-targets --webdataset"):
+        train_from_argv([*base, *data[:2], "--sd_model", "x", "--max_steps", "1"])
 
 
 @pytest.mark.parametrize("name, engine", [("ddp_bf16", "MULTI_GPU"), ("fsdp2", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])

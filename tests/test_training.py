@@ -302,7 +302,7 @@ class FolderApi:
 
 
 def test_best_checkpoint_by_text_to_image_r1_and_push(tmp_path):
-    from gill_hf.training import push_trained_model
+    from gill_hf.train_recipe import push_trained_model
 
     data = ListDataset(training_batch(batch=8, seed=12))
     model = tiny_gill("opt", seed=4)

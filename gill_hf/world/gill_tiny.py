@@ -522,7 +522,7 @@ def _cmd_command(ns) -> None:
 def _cmd_train(ns) -> None:
     import torch
 
-    from ..training import train_from_argv
+    from ..train_recipe import train_from_argv
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
