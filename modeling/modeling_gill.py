@@ -207,25 +207,31 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
 
     # ----- gradient checkpointing ---------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recomputes each decoder layer of the LM in the backward pass instead of keeping its
-        activations. transformers checkpoints a layer only in training mode, and the frozen LM stays
-        in eval mode (dropout off), so GILL wraps the layers itself: non-reentrant checkpoints (the
-        gradient still reaches the visual prefix and the `[IMG]` rows through the frozen layers),
-        dropout still off, gradients unchanged."""
-        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        for layer in self._decoder_layers():
-            if "_gill_uncheckpointed_forward" not in layer.__dict__:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """Recomputes the LM's decoder layers (every `every_n_layers`-th one) in the backward pass
+        instead of keeping their activations (kept in host memory with `offload`). transformers
+        checkpoints a layer only in training mode, and the frozen LM stays in eval mode (dropout
+        off), so GILL wraps the layers itself: non-reentrant checkpoints (the gradient still reaches
+        the visual prefix and the `[IMG]` rows through the frozen layers), dropout still off,
+        gradients unchanged. transformers' `gradient_checkpointing_enable` (deprecated) and
+        `Trainer(activation_checkpointing=True)` arrive here."""
+        if every_n_layers < 1:
+            raise ValueError(f"`every_n_layers` must be >= 1, got {every_n_layers}.")
+        self.activation_checkpointing_disable()
+        options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        for index, layer in enumerate(self._decoder_layers()):
+            if index % every_n_layers == 0:
                 layer._gill_uncheckpointed_forward = layer.forward
-                layer.forward = _CheckpointedForward(layer._gill_uncheckpointed_forward, options)
+                layer.forward = _CheckpointedForward(layer._gill_uncheckpointed_forward, options, offload)
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         for layer in self._decoder_layers():
             if "_gill_uncheckpointed_forward" in layer.__dict__:
                 layer.forward = layer.__dict__.pop("_gill_uncheckpointed_forward")
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
         return any("_gill_uncheckpointed_forward" in layer.__dict__ for layer in self._decoder_layers())
 
     def _decoder_layers(self) -> list[nn.Module]:
@@ -545,12 +551,15 @@ class _CheckpointedForward:
     """A decoder layer's forward, run under a non-reentrant activation checkpoint when gradients are
     being recorded (plain otherwise)."""
 
-    def __init__(self, forward, options: dict):
-        self.forward, self.options = forward, options
+    def __init__(self, forward, options: dict, offload: bool = False):
+        self.forward, self.options, self.offload = forward, options, offload
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
+        if self.offload:  # the checkpoint's saved inputs in (pinned) host memory
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return torch.utils.checkpoint.checkpoint(self.forward, *args, **self.options, **kwargs)
         return torch.utils.checkpoint.checkpoint(self.forward, *args, **self.options, **kwargs)
 
 

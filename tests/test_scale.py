@@ -54,9 +54,10 @@ def setup(tmp_path_factory):
 
 
 def train(root: Path, output: str, processes: int, max_steps: int, *extra: str, data: list[str] | None = None,
-          global_batch: int = 8) -> dict:
-    """One `gill-hf train` run, through `accelerate launch` when `processes` > 1. By default on the saved
-    dataset with global batch 8 = the whole dataset, so the split between processes does not matter."""
+          global_batch: int = 8, launcher: list[str] | None = None) -> dict:
+    """One `gill-hf train` run, through `accelerate launch` when `processes` > 1 (DDP over gloo unless
+    `launcher` gives other launch arguments). By default on the saved dataset with global batch 8 = the
+    whole dataset, so the split between processes does not matter."""
     data = data or ["--dataset_name", str(root / "data")]
     command = ["-m", "gill_hf.cli", "train", "--model_name_or_path", str(root / "model"), *data, "--output_dir", str(root / output),
                "--per_device_train_batch_size", str(global_batch // processes), "--max_steps", str(max_steps),
@@ -69,8 +70,9 @@ def train(root: Path, output: str, processes: int, max_steps: int, *extra: str, 
                "--adam_epsilon", "1e-6", *extra]
     if processes > 1:  # accelerate's torchrun launcher; `--use_cpu true` makes the processes join over gloo
         # (its `--cpu` launcher starts one process unless MPI is installed)
-        command = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", *command]
+        launcher = launcher or ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision",
+                                "no", "--dynamo_backend", "no"]
+        command = ["-m", "accelerate.commands.launch", *launcher, *command]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -89,11 +91,25 @@ def assert_same_run(a: dict, b: dict, tolerance: float = 1e-5) -> None:
         torch.testing.assert_close(a["weights"][name], b["weights"][name], atol=tolerance, rtol=0, msg=name)
 
 
-def test_two_processes_equal_one_process_on_the_global_batch(setup):
-    single = train(setup, "single", 1, 4)
-    double = train(setup, "double", 2, 4)
-    assert single["logs"][0]["loss"] != single["logs"][-1]["loss"]  # it trained
-    assert_same_run(double, single)
+@pytest.fixture(scope="module")
+def single(setup):
+    run = train(setup, "single", 1, 4)
+    assert run["logs"][0]["loss"] != run["logs"][-1]["loss"]  # it trained
+    return run
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(setup, single):
+    assert_same_run(train(setup, "double", 2, 4), single)
+
+
+def test_fsdp2_runs_on_cpu_and_equals_one_process_with_activation_checkpointing_too(setup, single):
+    # The shipped FSDP2 config, on 2 CPU processes (torch's fully_shard works over gloo here), in fp32.
+    config = (CONFIGS / "fsdp2.yaml").read_text().replace("use_cpu: false", "use_cpu: true")
+    config = config.replace("mixed_precision: bf16", 'mixed_precision: "no"').replace("num_processes: 8", "num_processes: 2")
+    (setup / "fsdp2_cpu.yaml").write_text(config)
+    launcher = ["--config_file", str(setup / "fsdp2_cpu.yaml")]
+    assert_same_run(train(setup, "fsdp2", 2, 4, launcher=launcher), single)
+    assert_same_run(train(setup, "fsdp2_gc", 2, 4, "--activation_checkpointing", "true", launcher=launcher), single)
 
 
 def test_a_stopped_two_process_run_resumes_to_the_same_end(setup):
