@@ -114,6 +114,7 @@ def push_to_hub(
     revision: str | None = None,
     training: dict | None = None,
     embed_images: bool = False,
+    remote_code: bool = False,
 ) -> Any:
     r"""
     Saves `obj` (a [`GillForConditionalGeneration`] or a [`GillPipeline`]) to a temporary folder,
@@ -131,6 +132,8 @@ def push_to_hub(
         embed_images (`bool`, *optional*): pipeline only: a retrieval index over local image files is
             pushed with the images' bytes (a dataset-backed copy); without it such an index is refused
             (the repo would name files that only exist on this machine).
+        remote_code (`bool`, *optional*): model only: the remote-code form (`gill_hf.remote_code`), which
+            plain `transformers` loads with `trust_remote_code=True`; needs `processor`.
 
     Returns:
         What `api.upload_folder` returns (the commit info for `HfApi`).
@@ -138,8 +141,10 @@ def push_to_hub(
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError(f"`repo_id` must be a non-empty str, got {repo_id!r}.")
     is_pipeline = hasattr(obj, "gill_model")
-    if is_pipeline and (form is not None or processor is not None):
-        raise ValueError("`form` and `processor` apply to a model; a pipeline saves all its components.")
+    if is_pipeline and (form is not None or processor is not None or remote_code):
+        raise ValueError("`form`, `processor` and `remote_code` apply to a model; a pipeline saves all its components.")
+    if remote_code and (processor is None or form == "full"):
+        raise ValueError("`remote_code=True` saves the adapter form with the processor: pass `processor` (and no `form='full'`).")
     if api is None:
         from huggingface_hub import HfApi
 
@@ -161,6 +166,10 @@ def push_to_hub(
                 obj.register_modules(retrieval_index=index)
         elif is_pipeline:
             obj.save_pretrained(folder)
+        elif remote_code:
+            from .remote_code import save_remote_code_form
+
+            save_remote_code_form(obj, processor, folder)
         else:
             obj.save_pretrained(folder, form=form)
             if processor is not None:

