@@ -210,12 +210,12 @@ def build_app(chat: GillChat, title: str = "GILL-tiny"):
         chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="gill-chat")
         box = gr.MultimodalTextbox(file_types=list(IMAGE_SUFFIXES), placeholder="Type a message, attach images...", label="Message",
                                    elem_id="gill-input", max_plain_text_length=MAX_MESSAGE_CHARS * 4)
-        with gr.Accordion("Settings", open=False):
+        with gr.Accordion("Settings", open=False, elem_id="gill-settings"):
             steps = gr.Slider(1, 100, value=chat.pipe.config.default_num_inference_steps, step=1, label="Diffusion steps")
             guidance = gr.Slider(1.0, 15.0, value=chat.pipe.config.default_guidance_scale, step=0.5, label="Guidance scale")
             seed = gr.Number(value=0, precision=0, label="Seed")
             image_source = gr.Radio(["auto", "generated", "retrieved"], value="auto", label="Image source")
-            force_image = gr.Checkbox(value=False, label="Always answer with an image (force_image)")
+            force_image = gr.Checkbox(value=False, label="Always answer with an image (force_image)", elem_id="gill-force-image")
         gr.Examples(examples=example_files(chat.image_dir / "examples"), inputs=[box])
 
         def submit(message, history, *settings, progress=gr.Progress()):

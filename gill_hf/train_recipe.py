@@ -236,7 +236,10 @@ def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArgu
     push, training_args.push_to_hub = training_args.push_to_hub, False  # our push function, not Trainer's
     collator = GillDataCollator(processor, max_length=data_args.max_length, num_clip_tokens=model.config.num_clip_tokens,
                                 gen_emb_dim=model.config.gen_emb_dim, caption_column="caption", image_column="image",
-                                interleaved_max_length=data_args.interleaved_max_length, pooled_emb_dim=model.config.pooled_emb_dim)
+                                interleaved_max_length=data_args.interleaved_max_length, pooled_emb_dim=model.config.pooled_emb_dim,
+                                # streamed shards with target shards: a key without a target is skipped and counted,
+                                # even when no other example of its batch has one (never a batch without gen_loss)
+                                require_targets=True if data_args.webdataset and data_args.targets_dir else None)
     trainer = GillTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           data_collator=collator, processing_class=processor)
     if data_args.webdataset:

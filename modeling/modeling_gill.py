@@ -505,9 +505,13 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
     def generate(self, *args, logits_processor=None, **kwargs):
         """`GenerationMixin.generate`. Called without logits processors (as transformers' pipelines
         call it), it follows GILL's block rule: `[IMG0]` is followed by the whole `[IMG1..]` block, which
-        is never chosen otherwise (`GillBlockLogitsProcessor`); GILL's own decoding passes its own."""
+        is never chosen otherwise, and starts only where the whole block fits in `max_new_tokens`
+        (`GillBlockLogitsProcessor`, as `GillPipeline` decodes); GILL's own decoding passes its own."""
         if logits_processor is None:
-            logits_processor = LogitsProcessorList([GillBlockLogitsProcessor(self.config.img_token_ids)])
+            max_new_tokens = kwargs.get("max_new_tokens")
+            if max_new_tokens is None:
+                max_new_tokens = (kwargs.get("generation_config") or self.generation_config).max_new_tokens
+            logits_processor = LogitsProcessorList([GillBlockLogitsProcessor(self.config.img_token_ids, max_new_tokens)])
         return super().generate(*args, logits_processor=logits_processor, **kwargs)
 
     def _holds_image_token(self, input_ids: torch.LongTensor | None) -> bool:
@@ -529,15 +533,24 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
 
 
 class GillBlockLogitsProcessor(LogitsProcessor):
-    """After `[IMGk]` (k < last) only `[IMGk+1]` can follow; elsewhere `[IMG1..]` cannot be chosen."""
+    """After `[IMGk]` (k < last) only `[IMGk+1]` can follow; elsewhere `[IMG1..]` cannot be chosen; with
+    `max_new_tokens`, `[IMG0]` cannot start a block that would not fit. One instance per `generate` call
+    (it counts the new tokens from its first call)."""
 
-    def __init__(self, img_token_ids: list[int]):
+    def __init__(self, img_token_ids: list[int], max_new_tokens: int | None = None):
         self.img_token_ids = list(img_token_ids)
+        self.max_new_tokens = max_new_tokens
+        self._prompt_length: int | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         ids = torch.tensor(self.img_token_ids, device=scores.device)
         scores = scores.clone()
         scores[:, ids[1:]] = float("-inf")
+        if self._prompt_length is None:
+            self._prompt_length = input_ids.shape[1]
+        generated = input_ids.shape[1] - self._prompt_length
+        if self.max_new_tokens is not None and generated + len(ids) > self.max_new_tokens:
+            scores[:, ids[0]] = float("-inf")  # a block cut by the token limit would be no image
         if input_ids.shape[1] == 0:  # generation from embeddings: nothing generated yet
             return scores
         inside = (input_ids[:, -1:] == ids[:-1]).nonzero()

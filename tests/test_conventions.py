@@ -269,3 +269,20 @@ def test_transformers_image_text_to_text_pipeline_matches_greedy_gill_pipeline()
     prompt = gill.processor.apply_chat_template(messages, add_generation_prompt=True)
     expected = gill(prompt=prompt, prompt_images=[image], max_new_tokens=16, image_source="generated", num_inference_steps=1)
     assert answer.strip() == expected.text[0].strip() and answer.strip()
+
+
+def test_plain_generate_starts_an_img_block_only_where_it_fits_in_max_new_tokens():
+    # GillPipeline never starts a block the token limit would cut; plain generate() (transformers'
+    # pipelines) follows the same rule, or their texts differ where GILL-tiny wants an image late.
+    from gill_hf.modeling.modeling_gill import GillBlockLogitsProcessor
+
+    processor = GillBlockLogitsProcessor([5, 6, 7], max_new_tokens=4)
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    scores = torch.zeros(1, 10)
+    assert processor(prompt, scores)[0, 5] == 0  # 0 generated: a 3-token block fits in 4
+    assert processor(torch.cat([prompt, torch.tensor([[1]])], 1), scores)[0, 5] == 0  # 1 + 3 <= 4
+    assert processor(torch.cat([prompt, torch.tensor([[1, 2]])], 1), scores)[0, 5] == float("-inf")  # 2 + 3 > 4
+    inside = processor(torch.cat([prompt, torch.tensor([[5]])], 1), scores)[0]  # inside a block: only the next row
+    assert inside[6] == 0 and torch.isinf(inside[torch.arange(10) != 6]).all()
+    unlimited = GillBlockLogitsProcessor([5, 6, 7])
+    assert unlimited(torch.zeros(1, 30, dtype=torch.long), scores)[0, 5] == 0 and torch.isinf(unlimited(prompt, scores)[0, 6:8]).all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -72,13 +73,20 @@ def train(root: Path, output: str, processes: int, max_steps: int, *extra: str, 
         # (its `--cpu` launcher starts one process unless MPI is installed)
         launcher = launcher or ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision",
                                 "no", "--dynamo_backend", "no"]
-        command = ["-m", "accelerate.commands.launch", *launcher, *command]
+        # a free rendezvous port each launch: the default 29500 can still be held by the previous launch's socket
+        command = ["-m", "accelerate.commands.launch", *launcher, "--main_process_port", str(free_port()), *command]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     state = json.loads((root / output / f"checkpoint-{max_steps}" / "trainer_state.json").read_text())
     return {"logs": [e for e in state["log_history"] if "loss" in e and "train_runtime" not in e],
             "weights": load_file(str(root / output / "gill_adapter.safetensors"))}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def assert_same_run(a: dict, b: dict, tolerance: float = 1e-5) -> None:

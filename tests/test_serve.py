@@ -125,6 +125,11 @@ def test_the_app_in_a_real_browser_answers_an_image_edit_like_the_pipeline(tmp_p
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#gill-input textarea"))
         driver.find_element(By.CSS_SELECTOR, "#gill-input input[type=file]").send_keys(str(source))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gill-input img"))
+        # The settings' force_image box, ticked as a user would (GILL-tiny v2 answers this chat turn in words
+        # unless asked for an image)
+        driver.find_element(By.CSS_SELECTOR, "#gill-settings button").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#gill-force-image input[type=checkbox]").is_displayed())
+        driver.find_element(By.CSS_SELECTOR, "#gill-force-image input[type=checkbox]").click()
         box.send_keys("The same shape, but green.")
         box.send_keys(Keys.ENTER)
         answer = WebDriverWait(driver, 180).until(
@@ -137,7 +142,7 @@ def test_the_app_in_a_real_browser_answers_an_image_edit_like_the_pipeline(tmp_p
     finally:
         driver.quit()
         app.close()
-    direct = chat.call_pipeline(conversation_messages([], "The same shape, but green.", [str(source)]), 8, 4.0, 0, "auto", False)
+    direct = chat.call_pipeline(conversation_messages([], "The same shape, but green.", [str(source)]), 8, 4.0, 0, "auto", True)
     assert direct.images[0], "the pipeline answered without an image"
     expected = direct.images[0][0].convert("RGB")
     assert shown.width % expected.width == 0 and shown.width > expected.width  # shown enlarged, pixels kept
