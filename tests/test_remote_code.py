@@ -1,7 +1,7 @@
 """The remote-code form: GILL-tiny saved with its code loads through plain transformers
 (`trust_remote_code=True`) in a process where `gill_hf` cannot be imported, and gives the same
 greedy token ids, the same logits and the same image conditioning as the package's own loading.
-Budget: about 25 s on 2 cores (two GILL-tiny loads, one in a subprocess).
+Budget: about 10 s on an idle 2-core machine (two GILL-tiny loads, one in a subprocess).
 """
 
 from __future__ import annotations

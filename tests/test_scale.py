@@ -2,7 +2,7 @@
 `--contrastive_gather autograd`, augmentation off and captions of equal token counts, its losses and
 final GILL tensors equal a single-process run on the same global batch; a 2-process run stopped after
 a checkpoint and resumed ends where the uninterrupted one does. The shipped accelerate configs parse.
-Budget: about 75 s on 2 cores (five short training processes).
+Budget: about 75 s on an idle 2-core machine (twelve short training launches, streaming and FSDP2 included).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 one shard per input shard (`gill-hf precompute-targets --webdataset`, resumable, `--num_proc`) and
 joined by key; bad shards, missing images, undecodable bytes and keys without a target are skipped
 and counted; two processes (and their DataLoader workers) read each shard exactly once per epoch.
-Budget: about 25 s on 2 cores (one `--num_proc 2` run starts two processes).
+Budget: about 5 s on an idle 2-core machine (one `--num_proc 2` run starts two processes).
 """
 
 from __future__ import annotations
