@@ -1,7 +1,9 @@
 """`accelerate launch` of the unchanged `gill-hf train` on 2 CPU processes (gloo): with
 `--contrastive_gather autograd`, augmentation off and captions of equal token counts, its losses and
 final GILL tensors equal a single-process run on the same global batch; a 2-process run stopped after
-a checkpoint and resumed ends where the uninterrupted one does. The shipped accelerate configs parse.
+a checkpoint, or killed (SIGKILL) while training on past it, and resumed ends where the uninterrupted one
+does; the same for webdataset shards streamed per process, and for FSDP2 on CPU. The shipped accelerate
+configs parse.
 Budget: about 75 s on an idle 2-core machine (twelve short training launches, streaming and FSDP2 included).
 """
 
@@ -10,10 +12,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import datasets
@@ -54,11 +58,11 @@ def setup(tmp_path_factory):
     return root
 
 
-def train(root: Path, output: str, processes: int, max_steps: int, *extra: str, data: list[str] | None = None,
-          global_batch: int = 8, launcher: list[str] | None = None) -> dict:
-    """One `gill-hf train` run, through `accelerate launch` when `processes` > 1 (DDP over gloo unless
-    `launcher` gives other launch arguments). By default on the saved dataset with global batch 8 = the
-    whole dataset, so the split between processes does not matter."""
+def train_command(root: Path, output: str, processes: int, max_steps: int, *extra: str, data: list[str] | None = None,
+                  global_batch: int = 8, launcher: list[str] | None = None) -> tuple[list[str], dict]:
+    """(argv, environment) of one `gill-hf train` run, through `accelerate launch` when `processes` > 1
+    (DDP over gloo unless `launcher` gives other launch arguments). By default on the saved dataset with
+    global batch 8 = the whole dataset, so the split between processes does not matter."""
     data = data or ["--dataset_name", str(root / "data")]
     command = ["-m", "gill_hf.cli", "train", "--model_name_or_path", str(root / "model"), *data, "--output_dir", str(root / output),
                "--per_device_train_batch_size", str(global_batch // processes), "--max_steps", str(max_steps),
@@ -76,11 +80,35 @@ def train(root: Path, output: str, processes: int, max_steps: int, *extra: str, 
         # a free rendezvous port each launch: the default 29500 can still be held by the previous launch's socket
         command = ["-m", "accelerate.commands.launch", *launcher, "--main_process_port", str(free_port()), *command]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return [sys.executable, *command], env
+
+
+def train(root: Path, output: str, processes: int, max_steps: int, *extra: str, **options) -> dict:
+    """Runs `train_command` to its end; its logs and final GILL tensors."""
+    argv, env = train_command(root, output, processes, max_steps, *extra, **options)
+    result = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     state = json.loads((root / output / f"checkpoint-{max_steps}" / "trainer_state.json").read_text())
     return {"logs": [e for e in state["log_history"] if "loss" in e and "train_runtime" not in e],
             "weights": load_file(str(root / output / "gill_adapter.safetensors"))}
+
+
+def train_until_killed(root: Path, output: str, processes: int, checkpoint: int, **options) -> None:
+    """A run that cannot finish (200 steps), killed with SIGKILL (launcher and workers) as soon as
+    its `checkpoint` holds every process's stream state, i.e. while it trains on past it."""
+    argv, env = train_command(root, output, processes, 200, **options)
+    done = [root / output / f"checkpoint-{checkpoint}" / f"stream_state-{rank}.json" for rank in range(processes)]
+    process = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not all(path.is_file() for path in done):
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed, not finished
 
 
 def free_port() -> int:
@@ -160,20 +188,21 @@ def test_two_processes_streaming_their_own_shards_equal_one_process_on_the_globa
     assert_same_run(double, single)
 
 
-def test_a_stopped_streaming_run_resumes_from_the_stream_state_without_reading_consumed_shards(setup):
-    # 4 shards of 6 rows: each process streams 2 shards, 3 steps a shard. Stopped at step 4 (mid-way
-    # through each process's second shard) and resumed with the consumed shards overwritten by junk: a
-    # resume that re-read the stream would hit them (a skipped "bad shard", other batches).
+def test_a_killed_streaming_run_resumes_from_the_stream_state_without_reading_consumed_shards(setup):
+    # 4 shards of 6 rows: each process streams 2 shards, 3 steps a shard. Killed (SIGKILL) while training
+    # on past its step-4 checkpoint (mid-way through each process's second shard) and resumed from it with
+    # the consumed shards overwritten by junk: a resume that re-read the stream would hit them (a skipped
+    # "bad shard", other batches).
     shards = [list(range(6 * j, 6 * j + 6)) for j in range(4)]
     uninterrupted = train(setup, "wds_whole", 2, 6, data=webdataset(setup, "wds_a", shards), global_batch=4)
     data = webdataset(setup, "wds_b", shards)
-    train(setup, "wds_pieces", 2, 4, data=data, global_batch=4)
+    train_until_killed(setup, "wds_pieces", 2, 4, data=data, global_batch=4)
     states = [json.loads((setup / "wds_pieces" / "checkpoint-4" / f"stream_state-{rank}.json").read_text()) for rank in (0, 1)]
     assert all(s["examples_iterable"]["shard_idx"] == 1 for s in states)  # each process is in its second shard
     for consumed in ("00000.tar", "00002.tar"):
         (setup / "wds_b" / consumed).write_bytes(b"junk" * 100)
     resumed = train(setup, "wds_pieces", 2, 6, "--resume_from_checkpoint", str(setup / "wds_pieces" / "checkpoint-4"),
-                    data=data, global_batch=4)
+                    data=data, global_batch=4)  # (the constant LR makes the killed run's 200-step schedule the same)
     assert "skipped_examples" not in resumed["logs"][-1]
     assert_same_run(resumed, uninterrupted, tolerance=1e-6)
 
