@@ -36,7 +36,12 @@ COMMAND_MODULES = (
 def _train(namespace: argparse.Namespace) -> None:
     from .train_recipe import train_from_argv
 
-    train_from_argv(namespace.extra_args)
+    trainer = train_from_argv(namespace.extra_args)
+    # Under `accelerate launch`: every process done, then the process group torn down before exit. Left to
+    # interpreter shutdown, gloo's threads now and then abort a process that had finished its work
+    # ("terminate called without an active exception"), failing the launch.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def register_train_command(subparsers) -> None:
