@@ -21,12 +21,15 @@ import re
 import shutil
 from pathlib import Path
 
+from . import modeling
 from .backbones import resolve_backbone
 from .embedded import SMOLLM2_NAME
 from .modeling.manifest import save_folder
 
 _PACKAGE = Path(__file__).resolve().parent
-_MODELING = Path(__file__).resolve().parents[1] / "modeling"
+# where the installed `gill_hf.modeling` lives (the checkout's top-level `modeling/` in an editable
+# install, `gill_hf/modeling/` in a wheel)
+_MODELING = Path(modeling.__file__).resolve().parent
 # (source, name in the folder); the modeling package's files keep their names (they import each other flat)
 REMOTE_FILES = [*((p, p.name) for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"),
                 *((_PACKAGE / name, name) for name in ("processing_gill.py", "images.py", "backbones.py", "embedded.py"))]
