@@ -175,7 +175,7 @@ def run_train_decision(namespace: argparse.Namespace) -> dict:
     from .modeling import GillForConditionalGeneration
     from .processing_gill import GillProcessor
 
-    from .hub import default_form
+    from .modeling.checkpoint_forms import default_form
     model = GillForConditionalGeneration.from_pretrained(namespace.model_name_or_path)
     processor = GillProcessor.from_pretrained(namespace.processor_name_or_path or namespace.model_name_or_path)
     texts, labels = load_labelled_prompts(namespace.prompts)

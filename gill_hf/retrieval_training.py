@@ -196,7 +196,7 @@ def load_for_refit(path: str, backbone_dtype: str):
     """(model in eval mode, checkpoint form). `bfloat16` applies to the frozen backbones only (GILL's
     heads load in fp32), as `gill-hf train --backbone_dtype` loads them, and only for adapter-form
     checkpoints: a full-form save would write the backbones back in that dtype."""
-    from .hub import default_form
+    from .modeling.checkpoint_forms import default_form
     from .modeling import GillConfig, GillForConditionalGeneration
 
     form = default_form(GillConfig.from_pretrained(path))

@@ -22,6 +22,13 @@ from .manifest import MANIFEST_NAME, load_consistently, read_manifest, save_fold
 from .tokens_gill import add_gill_tokens
 
 
+def default_form(config) -> str:
+    """The form a save takes when none is asked for: adapter whenever every backbone of a GillConfig
+    has a reference, else full."""
+    references = config.backbone_references or {}
+    return "adapter" if all(references.get(name) for name in ("text_model", "vision_model")) else "full"
+
+
 class GillCheckpointMixin:
     """Construction from backbones, both checkpoint forms, Hub push. Expects the model class to
     define `backbone_resolver`, `hub_pusher`, `adapter_extension_loader` and `rescale_img_rows_`."""
@@ -277,4 +284,4 @@ def _check_backbone_sizes(config: GillConfig, text_config, vision_config) -> Non
             )
 
 
-__all__ = ["GillCheckpointMixin"]
+__all__ = ["GillCheckpointMixin", "default_form"]

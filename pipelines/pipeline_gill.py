@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from gill_hf.modeling import GillForConditionalGeneration
+from gill_hf.modeling.checkpoint_forms import default_form
 from gill_hf.modeling.manifest import load_consistently, save_folder
 from gill_hf.processing_gill import GillProcessor
 from gill_hf.retrieval import GillRetrievalIndex
@@ -44,10 +45,12 @@ def _saved_pipeline_class(folder: str | os.PathLike) -> type | None:
     index = Path(folder) / "model_index.json"
     name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     name = name[1] if isinstance(name, (list, tuple)) else name
-    from gill_hf import pipelines
-
-    found = getattr(pipelines, name, None) if isinstance(name, str) else None
-    return found if isinstance(found, type) and issubclass(found, GillPipeline) else None
+    classes, pending = {}, [GillPipeline]
+    while pending:  # GillPipeline and its subclasses (the other decoder families' pipelines)
+        cls = pending.pop()
+        classes[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return classes.get(name) if isinstance(name, str) else None
 
 
 class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
@@ -170,8 +173,6 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         `model_index.json` names the class as `["pipeline_gill", "GillPipeline"]` beside a two-line
         `pipeline_gill.py` that imports it, so `DiffusionPipeline.from_pretrained(folder,
         trust_remote_code=True)` finds it too."""
-        from gill_hf.hub import default_form
-
         if kwargs.get("push_to_hub"):
             raise ValueError("`push_to_hub=True` is not supported here: call `pipe.push_to_hub(repo_id)` (one commit, with a card).")
         model = self.gill_model

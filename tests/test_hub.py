@@ -96,7 +96,27 @@ def test_bad_push_arguments(tmp_path):
         push_to_hub(tiny_gill("opt"), "", api=api)
     with pytest.raises(ValueError, match="pipeline"):
         push_to_hub(tiny_pipeline(tmp_path), "org/x", api=api, form="full")
+    with pytest.raises(ValueError, match="backbone_references"):  # the remote-code form is the adapter form
+        push_to_hub(tiny_pipeline(tmp_path), "org/x", api=api, remote_code=True)
     assert api.calls == []
+
+
+def test_pipeline_push_with_remote_code_uploads_the_custom_pipeline_layout(tmp_path):
+    import json
+
+    pipe = tiny_pipeline(tmp_path)
+    model = pipe.gill_model
+    model.language_model.save_pretrained(tmp_path / "lm")
+    model.vision_model.save_pretrained(tmp_path / "vision")
+    model.config.backbone_references = {"text_model": {"path": str(tmp_path / "lm")}, "vision_model": {"path": str(tmp_path / "vision")}}
+    api = FolderHubApi(tmp_path / "hub")
+    pipe.push_to_hub("org/gill-remote", api=api, remote_code=True)
+    pushed = tmp_path / "hub" / "org/gill-remote"
+    index = json.loads((pushed / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_gill", "GillPipeline"] and "class GillPipeline" in (pushed / "pipeline_gill.py").read_text()
+    assert index["gill_model"] == ["modeling_gill_remote", "GillForConditionalGeneration"]
+    assert (pushed / "gill_model" / "modeling_gill_remote.py").is_file() and (pushed / "processor" / "processing_gill.py").is_file()
+    assert (pushed / "README.md").is_file() and [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
 
 
 def test_a_pipeline_whose_index_names_local_files_is_refused_or_embedded(tmp_path):

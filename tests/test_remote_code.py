@@ -91,3 +91,67 @@ def test_a_subfolder_reference_must_stay_inside_the_checkpoint():
     for bad in ({"subfolder": "../x"}, {"subfolder": "/abs"}, {"subfolder": ""}, {"subfolder": "a", "path": "b"}):
         with pytest.raises(ValueError, match="subfolder"):
             _inside("/ckpt", bad)
+
+
+PIPELINE_WITHOUT_GILL_HF = """
+import importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path[:] = [p for p in sys.path if p not in ("", {root!r})]
+assert importlib.util.find_spec("gill_hf") is None
+import PIL.Image, torch
+from diffusers import DiffusionPipeline
+torch.set_num_threads(int(sys.argv[4]))
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)
+assert "gill_hf" not in sys.modules and type(pipe).__module__.startswith("diffusers_modules")
+image = PIL.Image.open(sys.argv[2])
+generated = pipe(["Show me a red circle.", "<image> Now make it blue."], prompt_images=[[], [image]], max_new_tokens=12,
+                 force_image=True, image_source="generated", num_inference_steps=4, output_type="np",
+                 generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+retrieved = pipe("A small green square.", max_new_tokens=12, force_image=True, image_source="retrieved", output_type="np")
+fields = ("text", "token_ids", "images", "image_sources")  # plain values: the output class cannot be unpickled elsewhere
+torch.save({{name: {{k: getattr(out, k) for k in fields}} for name, out in (("generated", generated), ("retrieved", retrieved))}},
+           sys.argv[3])
+"""
+
+
+def test_gill_tiny_pipeline_loads_without_gill_hf_and_gives_the_same_text_and_images(tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    from gill_hf import GillRetrievalIndex
+    from gill_hf.remote_code import save_pipeline_remote_code_form
+    from gill_hf.world.data import generate_dataset, sample_example
+    from gill_hf.world.gill_tiny import load_gill_tiny_pipeline
+    from gill_hf.world.render import render_scene
+
+    pipe = load_gill_tiny_pipeline(retrieval=False)
+    pipe.register_modules(retrieval_index=GillRetrievalIndex.build(pipe.gill_model, generate_dataset(8, "validation", seed=3),
+                                                                   pipe.processor, batch_size=8))
+    folder = tmp_path / "gill-tiny-pipeline-remote"
+    save_pipeline_remote_code_form(pipe, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_gill", "GillPipeline"] and index["gill_model"][0] == "modeling_gill_remote"
+    assert "gill_hf" not in (folder / "pipeline_gill.py").read_text().split("class GillPipeline")[0]  # module-level imports
+
+    image_path = tmp_path / "scene.png"
+    render_scene(sample_example(90_001, "validation", 0, num_objects=1)[0]).save(image_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, "-c", PIPELINE_WITHOUT_GILL_HF.format(root=REPO_ROOT), str(folder), str(image_path),
+                             str(tmp_path / "out.pt"), str(torch.get_num_threads())], cwd=elsewhere, capture_output=True, text=True,
+                            timeout=300, env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1",
+                                              "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Expected types" not in result.stderr  # the components are the classes the pipeline expects
+    remote = torch.load(tmp_path / "out.pt", weights_only=False)
+
+    generated = pipe(["Show me a red circle.", "<image> Now make it blue."], prompt_images=[[], [PIL.Image.open(image_path)]],
+                     max_new_tokens=12, force_image=True, image_source="generated", num_inference_steps=4, output_type="np",
+                     generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    retrieved = pipe("A small green square.", max_new_tokens=12, force_image=True, image_source="retrieved", output_type="np")
+    for ours, theirs in ((generated, remote["generated"]), (retrieved, remote["retrieved"])):
+        assert theirs["token_ids"] == ours.token_ids and ours.text == theirs["text"]
+        assert theirs["image_sources"] == ours.image_sources and len(theirs["images"]) == len(ours.images)
+        for a, b in zip(ours.images, theirs["images"]):
+            assert np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max() <= 1 / 255
+    assert generated.image_sources == [["generated"], ["generated"]] and retrieved.image_sources == [["retrieved"]]
