@@ -1,7 +1,9 @@
-"""The remote-code form: GILL-tiny saved with its code loads through plain transformers
+"""The remote-code forms: GILL-tiny saved with its code loads through plain transformers
 (`trust_remote_code=True`) in a process where `gill_hf` cannot be imported, and gives the same
-greedy token ids, the same logits and the same image conditioning as the package's own loading.
-Budget: about 10 s on an idle 2-core machine (two GILL-tiny loads, one in a subprocess).
+greedy token ids, the same logits and the same image conditioning as the package's own loading; the
+GILL-tiny pipeline saved as a diffusers custom pipeline loads through `DiffusionPipeline` there and
+gives the same token ids and images within 1/255.
+Budget: about 25 s on an idle 2-core machine (four GILL-tiny loads, two in subprocesses; 4 DDIM steps).
 """
 
 from __future__ import annotations
