@@ -1,7 +1,8 @@
 """benchmarks/reference_size.py, the reference-size script shared by the training and inference GPU
 figures: its configuration is the reference's (the GILL heads' exact parameter count, built on the
-meta device), and its CPU path runs end to end at tiny sizes with the decoding paths agreeing.
-Budget: about 25 s on 2 cores."""
+meta device), and its CPU path runs end to end at tiny sizes with the decoding paths agreeing;
+benchmarks/bench_decoding.py: every decoding path it times gives the pipeline's tokens.
+Budget: about 5 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -45,3 +46,25 @@ def test_the_cpu_path_runs_at_tiny_sizes(tmp_path):
         assert report["decode"][n]["tokens_identical"] is True
     assert report["image"]["no offload"]["s_per_image"] > 0 and report["image"]["model cpu offload"] == "needs a GPU"
     assert (tmp_path / "report.json").is_file()
+
+
+def test_the_decoding_benchmark_paths_agree_with_the_pipeline_and_the_floor_counts_each_tensor_once():
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))  # the benchmark scripts import each other, as when run from there
+    try:
+        spec = importlib.util.spec_from_file_location("bench_decoding", SCRIPT.parent / "bench_decoding.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    torch.set_num_threads(2)
+    model, processor = bench.smollm2_gill(torch.float32)
+    lm = model.language_model
+    assert lm.get_input_embeddings().weight is lm.get_output_embeddings().weight  # tied: read once per token
+    assert bench.weight_bytes(lm) == 4 * sum(p.numel() for p in lm.parameters())  # parameters() yields it once
+    assert bench.weight_bytes(torch.nn.ModuleList([lm, lm])) == bench.weight_bytes(lm)
+    ids = bench.prompt_ids(processor, bench.PROMPT_TOKENS)
+    with torch.inference_mode():
+        runs = {name: run(5) for name, run in bench.decoders(model, processor.tokenizer, ids, compile_step=False).items()}
+    assert len(runs["gill_decode"]) == 5 and all(tokens == runs["gill_decode"] for tokens in runs.values()), runs
