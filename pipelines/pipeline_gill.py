@@ -134,7 +134,8 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         cannot resolve GILL's component modules from a repo id), which also works offline from a
         seeded cache. The folder is verified against its `gill_manifest.json` and loaded as one
         saved version (never a mixture of two saves). `variant` loads each component's variant
-        files where it has them (the plain files elsewhere)."""
+        files where it has them (the plain files elsewhere). A remote-code folder
+        (`gill_hf.remote_code`) loads with this class's own components, running none of its code."""
         if not os.path.isdir(pretrained_model_name_or_path):
             from huggingface_hub import snapshot_download
 
@@ -158,11 +159,20 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
     @classmethod
     def load_config(cls, *args, **kwargs):
         """diffusers' `load_config`, reading the `[module file, class]` form of `_class_name` that saved
-        folders carry (so plain `DiffusionPipeline.from_pretrained` finds this class) as this class."""
+        folders carry (so plain `DiffusionPipeline.from_pretrained` finds this class) as this class. A
+        remote-code folder names each GILL component by a code file of its own folder; those entries
+        are read as this class's own components, so that none of the folder's code runs."""
         loaded = super().load_config(*args, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
         if isinstance(config, dict) and isinstance(config.get("_class_name"), (list, tuple)):
             config["_class_name"] = config["_class_name"][1]
+        if isinstance(config, dict):
+            own = {"gill_model": GillForConditionalGeneration, "processor": GillProcessor,
+                   "retrieval_index": GillRetrievalIndex, "unconditional_embedding": GillUnconditionalEmbedding}
+            for name, component_cls in own.items():
+                spec = config.get(name)
+                if isinstance(spec, (list, tuple)) and isinstance(spec[0], str) and "." not in spec[0]:  # a module file
+                    config[name] = [component_cls.__module__, component_cls.__name__]
         return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:

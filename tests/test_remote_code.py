@@ -157,3 +157,12 @@ def test_gill_tiny_pipeline_loads_without_gill_hf_and_gives_the_same_text_and_im
         for a, b in zip(ours.images, theirs["images"]):
             assert np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max() <= 1 / 255
     assert generated.image_sources == [["generated"], ["generated"]] and retrieved.image_sources == [["retrieved"]]
+
+    # with gill_hf installed, the same folder loads with the package's own classes (none of its code runs)
+    from gill_hf import GillForConditionalGeneration, GillPipeline, GillProcessor
+
+    loaded = GillPipeline.from_pretrained(folder, dtype=torch.float32)
+    assert type(loaded.gill_model) is GillForConditionalGeneration and type(loaded.processor) is GillProcessor
+    assert type(loaded.retrieval_index) is GillRetrievalIndex
+    again = loaded("A small green square.", max_new_tokens=12, force_image=True, image_source="retrieved", output_type="np")
+    assert again.token_ids == retrieved.token_ids and np.array_equal(again.images[0][0], retrieved.images[0][0])
