@@ -155,10 +155,29 @@ def format_table(rows: list[dict]) -> str:
 def run_generation(run: BenchmarkRun, cases: list[EvalCase], pipe, baseline, scorer: ClipScorer, seeds: list[int],
                    steps: int, guidance: float, batch_size: int = 8) -> None:
     """GILL's image and the baseline's for every case and seed not yet in `run`, scored against the real
-    image; saved after every batch (an interrupted run continues where it stopped)."""
+    image; saved after every batch (an interrupted run continues where it stopped). The baseline's
+    text encoder keeps its first `model_max_length` tokens: how many prompts it cuts is said once
+    (diffusers' per-batch warning is silenced)."""
+    from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
     todo = [(seed, case) for seed in seeds for case in cases if not run.done(case.setting, seed, case.id)]
+    tokenizer = getattr(baseline, "tokenizer", None)
+    if tokenizer is not None and todo:
+        texts = {case.text for _, case in todo}
+        cut = sum(len(tokenizer(text).input_ids) > tokenizer.model_max_length for text in texts)
+        print(f"[eval] the text-only baseline keeps the first {tokenizer.model_max_length} tokens: {cut} of {len(texts)} "
+              "prompts are cut", flush=True)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        _generate_batches(run, todo, pipe, baseline, scorer, steps, guidance, batch_size, tqdm)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _generate_batches(run: BenchmarkRun, todo: list, pipe, baseline, scorer: ClipScorer, steps: int, guidance: float,
+                      batch_size: int, tqdm) -> None:
     with tqdm(total=len(todo), desc="generation cases", unit="case") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]

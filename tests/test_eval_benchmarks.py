@@ -246,3 +246,29 @@ def test_world_vist_runs_end_to_end(tmp_path):
             assert row["pool_size"] == 10 and 0 <= row["r@1"] <= row["r@5"] <= row["r@10"] == 1.0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["meta"]["stories"] == 2 and results["meta"]["steps"] == 2 and results["meta"]["wall_s"] > 0
+
+
+def test_the_baselines_cut_prompts_are_counted_once_and_its_per_batch_warning_is_silenced(tmp_path, capsys):
+    from diffusers.utils import logging as diffusers_logging
+
+    class WordTokenizer:  # one id per word; the baseline's encoder keeps 3
+        model_max_length = 3
+
+        def __call__(self, text):
+            return argparse.Namespace(input_ids=list(range(len(text.split()))))
+
+    seen = []
+
+    class WarningBaseline(CountingPipe):
+        tokenizer = WordTokenizer()
+
+        def __call__(self, prompt, generator, **kwargs):
+            seen.append(diffusers_logging.get_verbosity())
+            return super().__call__(prompt, generator, **kwargs)
+
+    cases = [EvalCase(f"c{i}", "one", ["w " * i], "w " * i, solid((20 * i, 100, 50)), f"c{i}") for i in range(1, 6)]
+    before = diffusers_logging.get_verbosity()
+    run_generation(BenchmarkRun(tmp_path, {"benchmark": "test", "seeds": [0]}), cases, CountingPipe(), WarningBaseline(),
+                   ColourScorer(), [0], steps=1, guidance=1.0, batch_size=2)
+    assert "keeps the first 3 tokens: 2 of 5 prompts are cut" in capsys.readouterr().out  # 4 and 5 words
+    assert seen == [diffusers_logging.ERROR] * 3 and diffusers_logging.get_verbosity() == before
