@@ -64,13 +64,17 @@ def base_models(obj) -> list[str]:
     return found
 
 
-def render_model_card(obj, repo_id: str, form: str | None = None, training: dict | None = None) -> ModelCard:
+def render_model_card(obj, repo_id: str, form: str | None = None, training: dict | None = None,
+                      remote_code: bool = False) -> ModelCard:
     """The card of a model or pipeline, rendered from `model_card.md` (package data) with
     `library_name`, `pipeline_tag`, base models and tags in its metadata. `training` (`data`,
-    `steps`, `metrics`) fills the card's training section from a run."""
+    `steps`, `metrics`) fills the card's training section from a run; `remote_code` adds the usage
+    without gill-hf and the Hub's `custom_code` tag."""
     is_pipeline = hasattr(obj, "gill_model")
     model = getattr(obj, "gill_model", obj)
     tags = BASE_TAGS + (["diffusers", "pipeline"] if is_pipeline else [f"{form or 'full'}-checkpoint"])
+    if remote_code:
+        tags.append("custom_code")
     if is_pipeline and getattr(obj, "retrieval_index", None) is not None:
         tags.append("retrieval-index")
     card_data = ModelCardData(
@@ -86,7 +90,7 @@ def render_model_card(obj, repo_id: str, form: str | None = None, training: dict
         vision_model=_describe(references.get("vision_model"), model.vision_model),
         image_decoder=getattr(getattr(unet, "config", None), "_name_or_path", None) or (type(unet).__name__ if unet is not None else None),
         num_gill_parameters=f"{sum(p.numel() for n, p in model.named_parameters() if not n.startswith(('language_model.', 'vision_model.'))):,}",
-        training={"data": None, "steps": None, "metrics": {}, **training} if training else None,
+        training={"data": None, "steps": None, "metrics": {}, **training} if training else None, remote_code=remote_code,
     )
 
 
@@ -173,7 +177,7 @@ def push_to_hub(
             obj.save_pretrained(folder, form=form)
             if processor is not None:
                 processor.save_pretrained(folder)
-        render_model_card(obj, repo_id, form, training).save(folder / "README.md")
+        render_model_card(obj, repo_id, form, training, remote_code).save(folder / "README.md")
         api.create_repo(repo_id=repo_id, exist_ok=True, private=private, repo_type="model")
         return api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,

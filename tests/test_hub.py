@@ -1,6 +1,7 @@
 """gill_hf.hub: one push (save + card + one upload) for models and pipelines, against a
 folder-backed fake Hub API; what was pushed loads back from a seeded cache with identical outputs."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def test_pipeline_push_uploads_once_with_a_card_and_loads_back_identically(tmp_p
     pushed = tmp_path / "hub" / "org/gill-pipe"
     card = card_of(pushed)
     assert card.data.library_name == "gill-hf" and card.data.pipeline_tag == "any-to-any"
-    assert {"gill", "diffusers"} <= set(card.data.tags)
-    assert "# gill-pipe" in card.text
+    assert {"gill", "diffusers"} <= set(card.data.tags) and "custom_code" not in card.data.tags
+    assert "# gill-pipe" in card.text and "trust_remote_code" not in card.text
     seed_hf_cache(pushed, "org/gill-pipe", tmp_path / "cache")
     loaded = GillPipeline.from_pretrained("org/gill-pipe", cache_dir=tmp_path / "cache")
     loaded.set_progress_bar_config(disable=True)
@@ -78,6 +79,12 @@ def test_model_push_chooses_the_form_and_names_base_models(tmp_path):
     assert card.data.base_model == ["facebook/opt-6.7b", "openai/clip-vit-large-patch14"]
     assert card.data.library_name == "gill-hf" and "adapter-checkpoint" in card.data.tags
 
+    push_to_hub(adapter, "org/remote", api=api, processor=tiny_processor(tmp_path), remote_code=True)
+    folder = tmp_path / "hub/org/remote"
+    assert "auto_map" in json.loads((folder / "config.json").read_text()) and (folder / "modeling_gill_remote.py").is_file()
+    card = card_of(folder)
+    assert "custom_code" in card.data.tags and 'AutoModelForImageTextToText.from_pretrained("org/remote", trust_remote_code=True)' in card.text
+
 
 def test_model_push_to_hub_goes_through_the_installed_hook(tmp_path):
     api = FolderHubApi(tmp_path / "hub")
@@ -102,8 +109,6 @@ def test_bad_push_arguments(tmp_path):
 
 
 def test_pipeline_push_with_remote_code_uploads_the_custom_pipeline_layout(tmp_path):
-    import json
-
     pipe = tiny_pipeline(tmp_path)
     model = pipe.gill_model
     model.language_model.save_pretrained(tmp_path / "lm")
@@ -116,7 +121,10 @@ def test_pipeline_push_with_remote_code_uploads_the_custom_pipeline_layout(tmp_p
     assert index["_class_name"] == ["pipeline_gill", "GillPipeline"] and "class GillPipeline" in (pushed / "pipeline_gill.py").read_text()
     assert index["gill_model"] == ["modeling_gill_remote", "GillForConditionalGeneration"]
     assert (pushed / "gill_model" / "modeling_gill_remote.py").is_file() and (pushed / "processor" / "processing_gill.py").is_file()
-    assert (pushed / "README.md").is_file() and [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
+    card = card_of(pushed)
+    assert "custom_code" in card.data.tags
+    assert 'DiffusionPipeline.from_pretrained("org/gill-remote", trust_remote_code=True)' in card.text
 
 
 def test_a_pipeline_whose_index_names_local_files_is_refused_or_embedded(tmp_path):
