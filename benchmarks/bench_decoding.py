@@ -5,8 +5,8 @@ Floor = read bandwidth (a 1 GB fp32 `tensor.sum()`, same run, same threads) / we
 token in the dtype used (every LM tensor once: the tied embedding is read whole as the output head).
 Each row: greedy, batch 1, a 64-token prompt, `--new-tokens` new tokens with no early stop; median of
 `--repeat` runs after a warm-up; tokens/s = new tokens / the whole call (prefill included), % of floor,
-first-token latency (the
-time of a 1-token run: the prefill plus one token), and whether the tokens equal the first row's (the pipeline's path today).
+first-token latency (the time of a 1-token run: the prefill plus one token), and whether the tokens
+equal the first row's (the pipeline's path today).
 
 Rows:
   gill_decode          the pipeline's decoding (transformers `generate` + GILL's logits processors)
