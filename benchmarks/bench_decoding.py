@@ -100,7 +100,7 @@ def bench(dtype: torch.dtype, args, bandwidth: float) -> None:
     with torch.inference_mode():
         for name, run in decoders(model, processor.tokenizer, ids, args.compile).items():
             start = time.perf_counter()
-            run(4)  # warm-up (for the compiled row: the compilation)
+            run(args.new_tokens), run(1)  # warm-up at the timed lengths (a static cache's size is part of a compiled graph)
             warm_up = time.perf_counter() - start
             seconds, tokens = timed(lambda: run(args.new_tokens), args.repeat)
             first, _ = timed(lambda: run(1), args.repeat)

@@ -107,13 +107,9 @@ def read_bandwidth(repeat: int = 5, n_bytes: int = 1 << 30) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of `model`'s parameters, each tensor once (a tied embedding is read whole as the output head)."""
-    seen, total = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() not in seen:
-            seen.add(param.data_ptr())
-            total += param.numel() * param.element_size()
-    return total
+    """Bytes of `model`'s parameters; `parameters()` yields a tied embedding / output head once, as a
+    decoding step reads it (whole, as the head)."""
+    return sum(param.numel() * param.element_size() for param in model.parameters())
 
 
 def bench_decoding(new_tokens: list[int], dtype: torch.dtype) -> None:

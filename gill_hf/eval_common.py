@@ -168,16 +168,6 @@ def run_generation(run: BenchmarkRun, cases: list[EvalCase], pipe, baseline, sco
         cut = sum(len(tokenizer(text).input_ids) > tokenizer.model_max_length for text in texts)
         print(f"[eval] the text-only baseline keeps the first {tokenizer.model_max_length} tokens: {cut} of {len(texts)} "
               "prompts are cut", flush=True)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        _generate_batches(run, todo, pipe, baseline, scorer, steps, guidance, batch_size, tqdm)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-
-
-def _generate_batches(run: BenchmarkRun, todo: list, pipe, baseline, scorer: ClipScorer, steps: int, guidance: float,
-                      batch_size: int, tqdm) -> None:
     with tqdm(total=len(todo), desc="generation cases", unit="case") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -186,8 +176,13 @@ def _generate_batches(run: BenchmarkRun, todo: list, pipe, baseline, scorer: Cli
                        max_images=1, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
             gill = [images[0] for images in out.images]
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k, (seed, _) in enumerate(batch, start)]
-            base = baseline([case.text for _, case in batch], num_inference_steps=steps, guidance_scale=guidance,
-                            generator=generators).images
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # its truncation warning, said once above
+            try:
+                base = baseline([case.text for _, case in batch], num_inference_steps=steps, guidance_scale=guidance,
+                                generator=generators).images
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
             real = scorer.embed([case.target for _, case in batch])
             gill_cos = paired_cosine(scorer.embed(gill), real).tolist()
             base_cos = paired_cosine(scorer.embed(base), real).tolist()

@@ -17,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .embedded import SMOLLM2_NAME
 from .modeling.checkpoint_forms import default_form
 
 LIBRARY_NAME = "gill-hf"
@@ -85,12 +86,14 @@ def render_model_card(obj, repo_id: str, form: str | None = None, training: dict
     template = resources.files("gill_hf").joinpath("model_card.md").read_text(encoding="utf-8")
     return ModelCard.from_template(
         card_data, template_str=template, model_name=repo_id.split("/")[-1], repo_id=repo_id,
-        kind="pipeline" if is_pipeline else "model", form=form or "full (pipeline)",
+        kind="pipeline" if is_pipeline else "model",
+        form=form or f"{default_form(model.config)} (the pipeline's `gill_model`)",
         text_model=_describe(references.get("text_model"), model.language_model),
         vision_model=_describe(references.get("vision_model"), model.vision_model),
         image_decoder=getattr(getattr(unet, "config", None), "_name_or_path", None) or (type(unet).__name__ if unet is not None else None),
         num_gill_parameters=f"{sum(p.numel() for n, p in model.named_parameters() if not n.startswith(('language_model.', 'vision_model.'))):,}",
         training={"data": None, "steps": None, "metrics": {}, **training} if training else None, remote_code=remote_code,
+        embedded_smollm2=(references.get("text_model") or {}).get("embedded") == SMOLLM2_NAME,
     )
 
 
@@ -160,9 +163,9 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="gill-hf-push-") as tmp:
         folder = Path(tmp) / "upload"
         if is_pipeline:
-            from .remote_code import save_pipeline_remote_code_form
-
-            save = save_pipeline_remote_code_form if remote_code else type(obj).save_pretrained
+            save = type(obj).save_pretrained
+            if remote_code:
+                from .remote_code import save_pipeline_remote_code_form as save
             if local:
                 obj.register_modules(retrieval_index=index.with_embedded_images())
             try:

@@ -32,15 +32,16 @@ from pathlib import Path
 from . import modeling, pipelines
 from .backbones import resolve_backbone
 from .embedded import SMOLLM2_NAME
+from .modeling.checkpoint_forms import default_form
 from .modeling.manifest import save_folder
+from .pipelines.pipeline_gill import PIPELINE_MODULE, REMOTE_CODE_MODULES
 
 _PACKAGE = Path(__file__).resolve().parent
 # where the installed `gill_hf.modeling` / `gill_hf.pipelines` live (the checkout's top-level folders in
 # an editable install, inside `gill_hf/` in a wheel)
 _MODELING = Path(modeling.__file__).resolve().parent
 _PIPELINES = Path(pipelines.__file__).resolve().parent
-ENTRY_MODULE = "modeling_gill_remote"
-PIPELINE_MODULE = "pipeline_gill"
+ENTRY_MODULE = REMOTE_CODE_MODULES["gill_model"]
 # every code file a remote form can carry, by its name in the folder (they import each other flat)
 CODE_FILES = {
     **{p.name: p for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"},
@@ -70,45 +71,41 @@ MODEL_AUTO_MAP = {"AutoConfig": "configuration_gill.GillConfig",
                   "AutoModel": f"{ENTRY_MODULE}.GillForConditionalGeneration",
                   "AutoModelForImageTextToText": f"{ENTRY_MODULE}.GillForConditionalGeneration"}
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_gill.GillProcessor"}
-# the pipeline's GILL components: (module file in the component's folder, the code files that folder holds)
-PIPELINE_COMPONENTS = {
-    "gill_model": (ENTRY_MODULE, MODEL_FILES),
-    "processor": ("processing_gill", PROCESSOR_FILES),
-    "retrieval_index": ("retrieval", ["retrieval.py", "images.py", "checkpointing.py", "manifest.py"]),
-    "unconditional_embedding": ("components_gill", ["components_gill.py"]),
-}
+# the code files each GILL component's folder holds (its module file: REMOTE_CODE_MODULES)
+COMPONENT_FILES = {"gill_model": MODEL_FILES, "processor": PROCESSOR_FILES,
+                   "retrieval_index": ["retrieval.py", "images.py", "checkpointing.py", "manifest.py"],
+                   "unconditional_embedding": ["components_gill.py"]}
 PIPELINE_FILES = [*MODEL_FILES, "processing_gill.py", "images.py", "retrieval.py", "components_gill.py", "decoding_gill.py",
                   "utils_gill.py"]
 # diffusers re-executes a component's module when it loads the component, so the class a pipeline signature
 # names is not the loaded component's class and its type check warns: the remote pipeline's signature
 # leaves GILL's components unannotated (diffusers then skips the check)
 _GILL_COMPONENT_ANNOTATION = re.compile(r"^(\s+)(gill_model|processor|retrieval_index|unconditional_embedding): Gill\w+(?: \| None)?( = None)?,$", re.M)
+_INIT_SIGNATURE = re.compile(r"^    def __init__\(\n.*?^    \):$", re.M | re.S)
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)  # what diffusers copies beside an entry module
 
 
 def flattened_source(path: Path) -> str:
+    """`path`'s source with the package's imports spelt flat. Raises if a module-level import still
+    needs the package (imports inside functions may: they serve what only the package can do)."""
     text = path.read_text(encoding="utf-8")
     for pattern, replacement in _FLATTEN:
         text = pattern.sub(replacement, text)
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.ImportFrom) and ((node.module or "").split(".")[0] == "gill_hf" or
+                                                 (node.level and "." in (node.module or ""))):
+            raise RuntimeError(f"{path.name}: `from {'.' * node.level}{node.module} import ...` has no flat spelling "
+                               "(extend remote_code._FLATTEN).")
     return text
 
 
-def _public_name(source: str) -> str:
-    """A name a module defines: the first of its `__all__`, else its first top-level def or class."""
-    tree = ast.parse(source)
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
-            return ast.literal_eval(node.value)[0]
-    return next(node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
-
-
-def _with_every_file_imported(entry: str, sources: dict[str, str]) -> str:
-    """`entry` plus an import of each file in `sources` it does not import itself."""
-    missing = sorted(set(sources) - set(_RELATIVE_IMPORT.findall(entry)))
+def _with_every_file_imported(entry: str, modules: list[str]) -> str:
+    """`entry` plus an import of each of `modules` it does not import itself."""
+    missing = sorted(set(modules) - set(_RELATIVE_IMPORT.findall(entry)))
     if not missing:
         return entry
     lines = ["", "# diffusers copies only the files an entry module imports itself: every code file of this folder"]
-    lines += [f"from .{module} import {_public_name(sources[module])} as _{module}  # noqa: E402, F401" for module in missing]
+    lines += [f"from .{module} import __name__ as _{module}  # noqa: E402, F401" for module in missing]
     return entry + "\n".join(lines) + "\n"
 
 
@@ -119,7 +116,7 @@ def _write_code(folder: Path, names: list[str], entry: tuple[str, str] | None = 
     if entry is not None:
         module, source = entry
         sources.pop(module, None)
-        sources[module] = _with_every_file_imported(source, {k: v for k, v in sources.items() if k != module})
+        sources[module] = _with_every_file_imported(source, list(sources))
     for module, source in sources.items():
         (folder / f"{module}.py").write_text(source, encoding="utf-8")
 
@@ -140,11 +137,20 @@ def _update_json(path: Path, **fields) -> None:
 
 
 def _check_references(model) -> dict:
-    references = dict(model.config.backbone_references or {})
-    if not all(references.get(name) for name in ("text_model", "vision_model")):
+    if default_form(model.config) != "adapter":
         raise ValueError("`model`: the remote-code form is the adapter form, which needs `config.backbone_references` for "
                          "both backbones.")
-    return references
+    return dict(model.config.backbone_references)
+
+
+def _unannotated_components(pipeline_source: str) -> str:
+    """The pipeline's source with GILL's four components unannotated in `__init__`'s signature."""
+    init = _INIT_SIGNATURE.search(pipeline_source)
+    signature, count = _GILL_COMPONENT_ANNOTATION.subn(lambda m: f"{m[1]}{m[2]}{'=None' if m[3] else ''},", init[0])
+    if count != len(REMOTE_CODE_MODULES):
+        raise RuntimeError(f"GillPipeline.__init__ names {count} of the {len(REMOTE_CODE_MODULES)} GILL components in the "
+                           "spelling remote_code rewrites (update _GILL_COMPONENT_ANNOTATION).")
+    return pipeline_source[:init.start()] + signature + pipeline_source[init.end():]
 
 
 def _write_model(model, staging: Path, references: dict) -> None:
@@ -204,15 +210,14 @@ def save_pipeline_remote_code_form(pipe, save_directory: str | os.PathLike) -> N
         if pipe.processor is not None:
             _update_json(staging / "processor" / "processor_config.json", auto_map=PROCESSOR_AUTO_MAP)
         components = {}
-        for name, (module, files) in PIPELINE_COMPONENTS.items():
-            if getattr(pipe, name, None) is None or name == "gill_model":
+        for name, module in REMOTE_CODE_MODULES.items():
+            if getattr(pipe, name, None) is None:
                 continue
-            _write_code(staging / name, files, (module, flattened_source(CODE_FILES[f"{module}.py"])))
+            if name != "gill_model":
+                _write_code(staging / name, COMPONENT_FILES[name], (module, flattened_source(CODE_FILES[f"{module}.py"])))
             components[name] = [module, type(getattr(pipe, name)).__name__]
-        components["gill_model"] = [ENTRY_MODULE, "GillForConditionalGeneration"]
         _update_json(staging / "model_index.json", **components)
-        pipeline_source = _GILL_COMPONENT_ANNOTATION.sub(lambda m: f"{m[1]}{m[2]}{'=None' if m[3] else ''},",
-                                                         flattened_source(CODE_FILES[f"{PIPELINE_MODULE}.py"]))
+        pipeline_source = _unannotated_components(flattened_source(CODE_FILES[f"{PIPELINE_MODULE}.py"]))
         _write_code(staging, PIPELINE_FILES + [f"{PIPELINE_MODULE}.py"], (PIPELINE_MODULE, pipeline_source))
         (staging / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE, encoding="utf-8")  # the pipeline's model class
 

@@ -3,7 +3,6 @@ conditioning, one [IMG] block's state during a call, and variant loading."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,7 @@ def variant_components(cls, folder: str | os.PathLike, kwargs: dict) -> dict:
         return {}
     import importlib
 
-    index = json.loads((Path(folder) / "model_index.json").read_text())
+    index = cls.load_config(folder)  # as the pipeline class reads it (a remote-code folder's entries mapped)
     loaded = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or name in kwargs:
@@ -85,7 +84,7 @@ def variant_components(cls, folder: str | os.PathLike, kwargs: dict) -> dict:
         if not subfolder.is_dir() or not any(f".{variant}." in p.name for p in subfolder.iterdir()):
             continue
         component_cls = getattr(importlib.import_module(spec[0]), spec[1])
-        dtype = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
+        dtype = {k: kwargs[k] for k in ("dtype", "torch_dtype") if k in kwargs}
         loaded[name] = component_cls.from_pretrained(str(subfolder), variant=variant, **dtype)
     if not loaded:
         raise ValueError(f"`variant={variant!r}`: no component of {os.fspath(folder)!r} has files of that variant.")

@@ -37,6 +37,9 @@ logger = logging.get_logger(__name__)
 
 IMAGE_SOURCES = ("auto", "generated", "retrieved")
 PIPELINE_MODULE = "pipeline_gill"  # the module file a saved folder names beside the class
+# The module file each GILL component's folder holds in the remote-code form (`gill_hf.remote_code`).
+REMOTE_CODE_MODULES = {"gill_model": "modeling_gill_remote", "processor": "processing_gill", "retrieval_index": "retrieval",
+                       "unconditional_embedding": "components_gill"}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -46,9 +49,9 @@ def _saved_pipeline_class(folder: str | os.PathLike) -> type | None:
     name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     name = name[1] if isinstance(name, (list, tuple)) else name
     classes, pending = {}, [GillPipeline]
-    while pending:  # GillPipeline and its subclasses (the other decoder families' pipelines)
-        cls = pending.pop()
-        classes[cls.__name__] = cls
+    while pending:  # GillPipeline and its subclasses, breadth first: on a name clash the package's class wins
+        cls = pending.pop(0)
+        classes.setdefault(cls.__name__, cls)
         pending.extend(cls.__subclasses__())
     return classes.get(name) if isinstance(name, str) else None
 
@@ -170,8 +173,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
             own = {"gill_model": GillForConditionalGeneration, "processor": GillProcessor,
                    "retrieval_index": GillRetrievalIndex, "unconditional_embedding": GillUnconditionalEmbedding}
             for name, component_cls in own.items():
-                spec = config.get(name)
-                if isinstance(spec, (list, tuple)) and isinstance(spec[0], str) and "." not in spec[0]:  # a module file
+                if list(config.get(name) or []) == [REMOTE_CODE_MODULES[name], component_cls.__name__]:
                     config[name] = [component_cls.__module__, component_cls.__name__]
         return loaded
 

