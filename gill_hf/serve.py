@@ -159,8 +159,9 @@ class GillChat:
                 path = self.image_dir / f"answer-{len(os.listdir(self.image_dir))}.png"
                 display_image(out.images[0][k]).save(path)
                 replies.append({"role": "assistant", "content": {"path": str(path)}})
-                label = image_label(out, k)  # shown as the title of a note, never part of the next prompt
-                replies.append({"role": "assistant", "content": label, "metadata": {"title": label}})
+                # a note (never part of the next prompt): the source as its title, how it was chosen inside
+                source, _, details = image_label(out, k).partition(" | ")
+                replies.append({"role": "assistant", "content": details or source, "metadata": {"title": f"{source} image"}})
         return replies or [{"role": "assistant", "content": "(no answer)"}]
 
 

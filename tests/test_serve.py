@@ -59,6 +59,8 @@ def test_bad_input_gets_a_message_and_the_app_keeps_answering(tiny_chat, tmp_pat
         assert expected in tiny_chat.respond(message, [])[-1]["content"]
     reply = tiny_chat.respond({"text": "Draw a dog", "files": [_image(tmp_path)]}, [], 2, 2.0, 0, "generated", True)
     assert any(isinstance(m["content"], dict) and Path(m["content"]["path"]).is_file() for m in reply)
+    note = next(m for m in reply if (m.get("metadata") or {}).get("title"))  # how the image was chosen
+    assert note["metadata"]["title"] == "generated image" and not note["content"].startswith("generated image")
 
 
 def test_requests_are_answered_in_order_and_past_the_queue_get_busy(tiny_chat):
