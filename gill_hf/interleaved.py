@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -290,17 +291,67 @@ def read_mmc4(jsonl_path: str | os.PathLike, images: Mapping[str, Any], max_cont
 # ----- mixing caption rows and interleaved rows --------------------------------------------------------------
 
 
+def parse_group_weights(spec: str, argument: str = "interleaved_group_weights") -> dict[str, float]:
+    """`"combine=3,edit-colour=2"` -> `{"combine": 3.0, "edit-colour": 2.0}` (weights >= 0)."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep and name.strip() else None
+        except ValueError:
+            weight = None
+        if weight is None or not weight >= 0:
+            raise ValueError(f"`{argument}` takes `group=weight` items with weights >= 0, separated by commas; got {item!r}.")
+        weights[name.strip()] = weight
+    return weights
+
+
+def group_weighted_order(groups: list[str], weights: Mapping[str, float], seed: int = 0) -> list[int]:
+    """An order of the row indices `0..len(groups)-1` (as long as `groups`) in which a row of group `g`
+    appears `weights[g]` times as often as a row of weight 1 (groups not named weigh 1; weight 0
+    leaves a group out). Within a group the rows are shuffled and cycled, so a group drawn more often
+    than it has rows repeats each of its rows before any row a third time; the whole order is shuffled.
+    Deterministic in `seed`."""
+    by_group: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        by_group.setdefault(group, []).append(index)
+    unknown = sorted(set(weights) - set(by_group))
+    if unknown:
+        raise ValueError(f"`interleaved_group_weights` names groups with no rows: {unknown}; the groups are {sorted(by_group)}.")
+    mass = {group: weights.get(group, 1.0) * len(rows) for group, rows in by_group.items()}
+    total = sum(mass.values())
+    if total <= 0:
+        raise ValueError("`interleaved_group_weights` gives every group weight 0.")
+    # Largest-remainder rounding: the counts add up to len(groups) exactly.
+    exact = {group: len(groups) * m / total for group, m in mass.items()}
+    counts = {group: int(value) for group, value in exact.items()}
+    for group in sorted(exact, key=lambda g: counts[g] - exact[g])[:len(groups) - sum(counts.values())]:
+        counts[group] += 1
+    rng = random.Random(seed)
+    order = []
+    for group in sorted(by_group):
+        rows = list(by_group[group])
+        rng.shuffle(rows)
+        order += [rows[i % len(rows)] for i in range(counts[group])]
+    rng.shuffle(order)
+    return order
+
+
 class MixedDataset:
     """Caption rows and interleaved rows in one map-style dataset at a stated ratio: every caption
     row once per epoch, plus `round(n_captions * ratio / (1 - ratio))` interleaved positions (cycling
-    through the interleaved rows), so that `ratio` of each epoch's rows are interleaved."""
+    through the interleaved rows, or through `order`, e.g. a `group_weighted_order`), so that `ratio`
+    of each epoch's rows are interleaved."""
 
-    def __init__(self, captions, interleaved, ratio: float):
+    def __init__(self, captions, interleaved, ratio: float, order: list[int] | None = None):
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"`interleaved_ratio` must lie in (0, 1), got {ratio!r}.")
         if len(captions) == 0 or len(interleaved) == 0:
             raise ValueError("Both the caption and the interleaved dataset must hold rows.")
+        if order is not None and (not order or not all(0 <= i < len(interleaved) for i in order)):
+            raise ValueError(f"`order` must be a non-empty list of interleaved row indices below {len(interleaved)}.")
         self.captions, self.interleaved, self.ratio = captions, interleaved, ratio
+        self.order = list(order) if order is not None else None
         self.num_interleaved = max(1, round(len(captions) * ratio / (1 - ratio)))
 
     def __len__(self) -> int:
@@ -311,18 +362,23 @@ class MixedDataset:
             raise IndexError(index)
         if index < len(self.captions):
             return self.captions[index]
-        return self.interleaved[(index - len(self.captions)) % len(self.interleaved)]
+        position = index - len(self.captions)
+        if self.order is not None:
+            return self.interleaved[self.order[position % len(self.order)]]
+        return self.interleaved[position % len(self.interleaved)]
 
 
 __all__ = [
     "MixedDataset",
     "chat_segments",
     "document_examples",
+    "group_weighted_order",
     "image_lookup_from_dataset",
     "image_lookup_from_folder",
     "image_segment",
     "interleaved_example",
     "interleaved_features",
+    "parse_group_weights",
     "read_mmc4",
     "read_obelics",
     "read_vist",

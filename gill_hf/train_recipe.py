@@ -5,13 +5,14 @@ examples mixed in), `GillTrainer`, and the push of the result."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .lora import apply_lora
+from .lora import apply_lora, has_lora
 from .training import LOGGED_KEYS, GillTrainer, GillTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -80,6 +81,12 @@ class GillDataArguments:
     interleaved_max_length: int = field(default=96, metadata={"help": "Longest interleaved row, [IMG] block included "
                                                                         "(the earliest context goes first)."})
     max_interleaved_samples: int | None = field(default=None, metadata={"help": "Keep the first N interleaved examples."})
+    interleaved_group_column: str | None = field(default=None, metadata={
+        "help": "Column of --interleaved_dataset_name whose values group its rows (e.g. a kind) for "
+                "--interleaved_group_weights."})
+    interleaved_group_weights: str | None = field(default=None, metadata={
+        "help": "`group=weight,...`: a row of a group is drawn `weight` times as often as a row of weight 1 (groups not "
+                "named weigh 1, 0 leaves a group out); the interleaved share stays --interleaved_ratio."})
 
 
 def _load_model_and_processor(model_args: GillModelArguments):
@@ -111,6 +118,9 @@ def _load_model_and_processor(model_args: GillModelArguments):
         raise ValueError("Pass `--model_name_or_path`, or both `--text_model` and `--vision_model`.")
     model.train()
     if model_args.lora_r > 0:
+        if has_lora(model):  # peft would inject a second, freshly initialised adapter over the loaded one
+            raise ValueError(f"`--lora_r`: {model_args.model_name_or_path!r} already holds LoRA layers (its `lora/`), which "
+                             "train on without the flag; drop `--lora_r` to continue them.")
         apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                    [m.strip() for m in model_args.lora_target_modules.split(",") if m.strip()])
     return model, processor
@@ -171,7 +181,7 @@ def _check_targets(train, data_args: GillDataArguments) -> None:
     logger.warning(message + " Training without it (`--allow_missing_targets`).")
 
 
-def _mix_interleaved(train, data_args: GillDataArguments):
+def _mix_interleaved(train, data_args: GillDataArguments, seed: int):
     """The caption rows and the interleaved rows in one dataset at `--interleaved_ratio`."""
     from .data import add_generation_targets, load_saved_or_hub_dataset, prepare_interleaved_dataset
     from .interleaved import MixedDataset
@@ -188,7 +198,24 @@ def _mix_interleaved(train, data_args: GillDataArguments):
             raise ValueError(f"{data_args.interleaved_dataset_name!r} has no `gen_targets`: pass `--sd_model` (or run "
                              "`gill-hf precompute-targets` on it) so its target captions have generation targets.")
         interleaved = add_generation_targets(interleaved, data_args.sd_model, data_args.target_batch_size, "target_caption")
-    return MixedDataset(train, interleaved, data_args.interleaved_ratio)
+    return MixedDataset(train, interleaved, data_args.interleaved_ratio, _interleaved_order(interleaved, data_args, seed))
+
+
+def _interleaved_order(interleaved, data_args: GillDataArguments, seed: int) -> list[int] | None:
+    """The weighted order of the interleaved rows (`--interleaved_group_column` / `_weights`), or None."""
+    from .interleaved import group_weighted_order, parse_group_weights
+
+    column, spec = data_args.interleaved_group_column, data_args.interleaved_group_weights
+    if (column is None) != (spec is None):
+        raise ValueError("`--interleaved_group_column` and `--interleaved_group_weights` go together: pass both or neither.")
+    if column is None:
+        return None
+    if column not in interleaved.column_names:
+        raise ValueError(f"`--interleaved_group_column` {column!r} is not a column of {data_args.interleaved_dataset_name!r} "
+                         f"(columns: {interleaved.column_names}).")
+    order = group_weighted_order([str(g) for g in interleaved[column]], parse_group_weights(spec), seed)
+    logger.info("Interleaved rows weighted by %r: %s", column, dict(Counter(interleaved[column][i] for i in order)))
+    return order
 
 
 def train_from_argv(argv: list[str]) -> GillTrainer:
@@ -228,7 +255,7 @@ def train_from_arguments(model_args: GillModelArguments, data_args: GillDataArgu
     _check_targets(train, data_args)
     evaluation = _prepare(evaluation, data_args, model, processor) if evaluation is not None else None
     if data_args.interleaved_dataset_name:
-        train = _mix_interleaved(train, data_args)
+        train = _mix_interleaved(train, data_args, training_args.seed)
 
     if data_args.webdataset:
         _stream_per_process(train, training_args)

@@ -141,6 +141,16 @@ def test_lora_trains_only_lora_and_gill_weights_and_reloads(tmp_path):
     with pytest.raises(ValueError, match="form='full'.*LoRA"):
         decided.save_pretrained(tmp_path / "full", form="full")
 
+    # `gill-hf train` from a LoRA checkpoint trains its LoRA on; `--lora_r` would stack a fresh adapter over it.
+    from gill_hf.train_recipe import GillModelArguments, _load_model_and_processor
+
+    resumed, _ = _load_model_and_processor(GillModelArguments(model_name_or_path=str(tmp_path / "decided"),
+                                                              backbone_dtype="float32"))
+    lora_params = {n: p for n, p in resumed.named_parameters() if ".lora_" in n}
+    assert lora_params.keys() == lora.keys() and all(p.requires_grad and torch.equal(p, lora[n]) for n, p in lora_params.items())
+    with pytest.raises(ValueError, match="--lora_r.*already holds LoRA"):
+        _load_model_and_processor(GillModelArguments(model_name_or_path=str(tmp_path / "decided"), lora_r=4))
+
 
 def tiny_processor_for(tmp_path):
     return GillProcessor(image_processor=tiny_image_processor(), tokenizer=opt_like_tokenizer(tmp_path / "tok_lora"))

@@ -43,6 +43,30 @@ def test_train_command_parses_with_gill_hf_train(tmp_path, monkeypatch):
     assert model_args.model_name_or_path.endswith("init")
 
 
+def test_context_kind_weights_reach_the_interleaved_order(tmp_path, monkeypatch):
+    """`gill-tiny train --context-kind-weights` -> `gill-hf train --interleaved_group_*`, which weights the kinds."""
+    import datasets
+    from transformers import HfArgumentParser
+
+    from gill_hf.train_recipe import GillDataArguments, _interleaved_order
+
+    monkeypatch.setenv("GILL_HF_WORLD_CACHE", str(tmp_path))
+    argv = gill_tiny.train_argv(max_steps=10, context_ratio=0.5, context_kind_weights="combine=3")
+    data_args, = HfArgumentParser(GillDataArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:1]
+    assert (data_args.interleaved_group_column, data_args.interleaved_group_weights) == ("kind", "combine=3")
+    rows = datasets.Dataset.from_dict({"kind": ["combine", "move"] * 10})
+    order = _interleaved_order(rows, data_args, seed=0)
+    assert sum(rows["kind"][i] == "combine" for i in order) == 15
+    data_args.interleaved_group_column = "shape"
+    with pytest.raises(ValueError, match="--interleaved_group_column.*'shape' is not a column"):
+        _interleaved_order(rows, data_args, seed=0)
+    data_args.interleaved_group_column = None
+    with pytest.raises(ValueError, match="go together"):
+        _interleaved_order(rows, data_args, seed=0)
+    with pytest.raises(ValueError, match="context_ratio"):
+        gill_tiny.train_argv(max_steps=10, context_kind_weights="combine=3")
+
+
 def test_retrieval_refit_command_parses_with_gill_hf_train_retrieval(tmp_path, monkeypatch):
     """The recipe's step 3 is `gill-hf train-retrieval` at the reference's batch on the training split."""
     from gill_hf.cli import build_parser

@@ -16,8 +16,8 @@ from test_training import one_thread  # noqa: F401 (autouse: one torch thread)
 from tiny_models import tiny_gill
 
 from gill_hf.data import GillDataCollator
-from gill_hf.interleaved import (MixedDataset, chat_segments, image_lookup_from_folder, image_segment, interleaved_example,
-                                 read_mmc4, read_obelics, read_vist, text_segment)
+from gill_hf.interleaved import (MixedDataset, chat_segments, group_weighted_order, image_lookup_from_folder, image_segment,
+                                 interleaved_example, parse_group_weights, read_mmc4, read_obelics, read_vist, text_segment)
 
 
 def _image(seed: int, size: int = 16) -> PIL.Image.Image:
@@ -145,6 +145,25 @@ def test_mixed_dataset_keeps_every_caption_and_the_ratio():
     assert len(mixed) == 40 and rows[:30] == list(range(30)) and rows[30:] == ["i0", "i1"] * 5
     with pytest.raises(ValueError, match="interleaved_ratio"):
         MixedDataset([1], [2], ratio=1.0)
+
+
+def test_group_weights_set_each_groups_share_of_the_interleaved_rows():
+    groups = ["a"] * 40 + ["b"] * 40 + ["c"] * 20  # row weights a=3, b=1 (unnamed), c=0
+    order = group_weighted_order(groups, parse_group_weights("a=3, c=0"), seed=1)
+    drawn = [groups[i] for i in order]
+    assert len(order) == 100 and drawn.count("a") == 75 and drawn.count("b") == 25 and "c" not in drawn
+    a_rows = [i for i in order if groups[i] == "a"]  # 75 draws of 40 rows: each row twice before any row a third time
+    assert sorted(set(a_rows)) == list(range(40)) and max(a_rows.count(i) for i in range(40)) == 2
+    assert order == group_weighted_order(groups, {"a": 3.0, "c": 0.0}, seed=1) != group_weighted_order(groups, {"a": 3.0, "c": 0.0}, seed=2)
+    mixed = MixedDataset(list(range(10)), [f"i{i}" for i in range(4)], ratio=0.5, order=[3, 3, 1])
+    assert [mixed[i] for i in range(10, 20)] == ["i3", "i3", "i1"] * 3 + ["i3"]
+    for spec in ("a", "a=-1", "a=x", "=2"):
+        with pytest.raises(ValueError, match="interleaved_group_weights"):
+            parse_group_weights(spec)
+    with pytest.raises(ValueError, match="no rows: \\['d'\\]"):
+        group_weighted_order(groups, {"d": 2.0})
+    with pytest.raises(ValueError, match="order"):
+        MixedDataset([1], [2], ratio=0.5, order=[1])
 
 
 # ----- readers on fixtures in the published schemas --------------------------------------------------------

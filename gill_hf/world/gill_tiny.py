@@ -189,7 +189,8 @@ def prepare_context(num_train: int = CONTEXT_NUM_TRAIN, num_eval: int = CONTEXT_
 def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = DEFAULT_NUM_TRAIN,
                num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, batch_size: int = 16, save_steps: int = 50,
                eval_steps: int = 100, backbone_dtype: str = "bfloat16", init: str | None = None,
-               context_ratio: float = 0.0, lora_r: int = 0, learning_rate: float | None = None) -> list[str]:
+               context_ratio: float = 0.0, lora_r: int = 0, learning_rate: float | None = None,
+               context_kind_weights: str | None = None) -> list[str]:
     """The `gill-hf train` arguments of the GILL-tiny run: the reference's hyper-parameters (AdamW
     1e-3, betas 0.9/0.95, weight decay 0.01, clipping 1.0, [IMG] row renormalisation) except the
     warmup (5% of the run), a cosine decay instead of the 10k-step StepLR, and no two-caption
@@ -200,6 +201,10 @@ def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = D
     caption_rows = round(max_steps * batch_size * (1 - context_ratio))
     context = (["--interleaved_dataset_name", context_data_dir(seed=seed).as_posix(), "--interleaved_ratio", str(context_ratio)]
                if context_ratio > 0 else ["--cache_image_features"])  # raw images when mixed (the world's CLIP is cheap)
+    if context_kind_weights:
+        if context_ratio <= 0:
+            raise ValueError("`context_kind_weights` weights context rows: it needs `context_ratio` > 0.")
+        context += ["--interleaved_group_column", "kind", "--interleaved_group_weights", context_kind_weights]
     return [
         "--model_name_or_path", str(init or work / "init"),
         "--dataset_name", str(data_dir(num_train, num_eval, seed)),
@@ -514,7 +519,8 @@ def _cmd_prepare(ns) -> None:
 
 def _train_argv_of(ns) -> list[str]:
     return train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps,
-                      ns.eval_steps, ns.backbone_dtype, ns.init, ns.context_ratio, ns.lora_r, ns.learning_rate)
+                      ns.eval_steps, ns.backbone_dtype, ns.init, ns.context_ratio, ns.lora_r, ns.learning_rate,
+                      ns.context_kind_weights)
 
 
 def _cmd_command(ns) -> None:
@@ -604,6 +610,9 @@ def register(subparsers) -> None:
                                                     "shipped GILL-tiny folder warm-starts).")
         p.add_argument("--context-ratio", type=float, default=0.0,
                        help="Share of interleaved world context examples (world.context) in the mix (0: captions only).")
+        p.add_argument("--context-kind-weights", default=None,
+                       help="`kind=weight,...`: draw the context rows of a kind `weight` times as often (e.g. "
+                            "`combine=3,edit-colour=2`; kinds not named weigh 1).")
         p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the LM (0: frozen LM, the reference).")
         p.add_argument("--learning-rate", type=float, default=None, help="Peak learning rate (default: the reference's 1e-3).")
         p.set_defaults(func=func)
