@@ -8,7 +8,6 @@ access (`from gill_hf import GillPipeline` works as usual).
 
 import importlib
 import importlib.util
-import os
 
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
@@ -25,22 +24,6 @@ AutoModelForImageTextToText.register(GillConfig, GillForConditionalGeneration, e
 AutoProcessor.register(GillConfig, GillProcessor, exist_ok=True)
 GillForConditionalGeneration.backbone_resolver = staticmethod(resolve_backbone)
 GillForConditionalGeneration.hub_pusher = staticmethod(push_to_hub)
-
-
-def _load_lora_if_present(model: GillForConditionalGeneration, folder: str) -> None:
-    # LoRA layers of the LM live in `lora/` beside the adapter weights (peft's format).
-    if os.path.isfile(os.path.join(folder, "lora", "adapter_config.json")):
-        importlib.import_module("gill_hf.lora").load_lora(model, folder)
-
-
-def _save_lora_if_present(model: GillForConditionalGeneration, folder: str) -> None:
-    lora = importlib.import_module("gill_hf.lora")
-    if lora.has_lora(model):
-        lora.save_lora(model, folder)
-
-
-GillForConditionalGeneration.adapter_extension_loader = staticmethod(_load_lora_if_present)
-GillForConditionalGeneration.adapter_extension_saver = staticmethod(_save_lora_if_present)
 
 
 def _resolve_image_processors_quietly() -> None:

@@ -12,7 +12,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .lora import apply_lora, has_lora
+from .modeling.lora_gill import apply_lora, has_lora
 from .training import LOGGED_KEYS, GillTrainer, GillTrainingArguments
 
 logger = logging.get_logger(__name__)

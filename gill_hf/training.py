@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .metrics.functional import retrieval_metrics
 from .modeling.checkpointing import ADAPTER_WEIGHTS_NAME, BACKBONE_PREFIXES, gill_state_dict, load_adapter_weights
-from .lora import LORA_FOLDER, load_lora, save_lora
+from .modeling.lora_gill import LORA_FOLDER, load_lora, save_lora
 from .modeling.manifest import save_folder
 
 logger = logging.get_logger(__name__)

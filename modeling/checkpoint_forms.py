@@ -18,6 +18,7 @@ from transformers.utils import logging as transformers_logging
 from .checkpointing import (BACKBONE_PREFIXES, adapter_weights_name, load_adapter_weights, looks_like_a_local_path,
                             save_adapter_weights)
 from .configuration_gill import GillConfig
+from .lora_gill import load_lora, save_lora_if_present
 from .manifest import MANIFEST_NAME, load_consistently, read_manifest, save_folder, verify_folder
 from .tokens_gill import add_gill_tokens
 
@@ -31,7 +32,7 @@ def default_form(config) -> str:
 
 class GillCheckpointMixin:
     """Construction from backbones, both checkpoint forms, Hub push. Expects the model class to
-    define `backbone_resolver`, `hub_pusher`, `adapter_extension_loader` and `rescale_img_rows_`."""
+    define `backbone_resolver`, `hub_pusher` and `rescale_img_rows_`."""
 
     @classmethod
     def _load_backbones(cls, text_model: Any, vision_model: Any, **load_kwargs) -> tuple[PreTrainedModel, PreTrainedModel]:
@@ -135,8 +136,7 @@ class GillCheckpointMixin:
             else:
                 self.config.save_pretrained(staging)
                 save_adapter_weights(self, staging, variant)
-                if self.adapter_extension_saver is not None:
-                    self.adapter_extension_saver(self, staging)
+                save_lora_if_present(self, staging)  # the LM's LoRA layers, peft's format, in lora/
 
     def push_to_hub(self, repo_id: str, *, form: str | None = None, api=None, **kwargs) -> Any:
         r"""
@@ -217,8 +217,7 @@ class GillCheckpointMixin:
         _check_backbone_sizes(config, language_model.config, vision.config)
         model = cls(config, language_model=language_model, vision_model=vision)
         load_adapter_weights(model, adapter_file)
-        if cls.adapter_extension_loader is not None:
-            cls.adapter_extension_loader(model, os.path.dirname(adapter_file))
+        load_lora(model, os.path.dirname(adapter_file))  # lora/ where the folder has one
         model._own_head_memory(device=language_model.get_input_embeddings().weight.device)
         # The adapter loads strictly (any missing, unexpected or mis-shaped key raised above).
         info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}

@@ -89,10 +89,6 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
     backbone_resolver: Callable[[Any], tuple[str, dict]] = staticmethod(lambda ref: (ref, {}))
     #: The Hub push (`gill_hf.hub.push_to_hub`), installed by `gill_hf`.
     hub_pusher: Callable[..., Any] | None = None
-    #: Called as `(model, folder)` after an adapter checkpoint loads / while one saves, for what the
-    #: package stores beside GILL's tensors (LoRA layers of the LM, peft's format); installed by `gill_hf`.
-    adapter_extension_loader: Callable[[Any, str], Any] | None = None
-    adapter_extension_saver: Callable[[Any, str], Any] | None = None
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ from tiny_tokenizers import opt_like_tokenizer, tiny_image_processor
 from gill_hf import GillProcessor
 from gill_hf.cli import build_parser, main
 from gill_hf import GillForConditionalGeneration
-from gill_hf.lora import apply_lora, load_lora
+from gill_hf.modeling.lora_gill import apply_lora, load_lora
 from gill_hf.training import LOSS_KEYS, GillTrainer, load_trainable_weights
 
 SUBJECTS = ["A dog", "The cat", "A red car", "Two birds", "An old man", "The small house", "A girl", "My friend"]

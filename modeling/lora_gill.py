@@ -4,7 +4,9 @@ A checkpoint's `lora/` folder holds `adapter_config.json` and `adapter_model.saf
 peft writes them for the LM, so `PeftModel.from_pretrained(lm, "<checkpoint>/lora")` reads it. The
 layers are injected in place (module names unchanged), so GILL's adapter form keeps its keys.
 Checkpoints of the earlier layout (`lora/backbone_trainable.safetensors`, GILL's parameter names)
-still load.
+still load. This module is part of the model code (every adapter-form load and save goes through
+it), so a remote-code folder carries it and loads `lora/` without `gill_hf`; peft is imported only
+where a folder holds LoRA layers.
 """
 
 from __future__ import annotations
@@ -63,11 +65,10 @@ def save_lora(model, folder: str | os.PathLike) -> None:
 def load_lora(model, folder: str | os.PathLike) -> bool:
     """If `folder` holds a `lora/` adapter, injects the same LoRA layers into `model`'s LM and loads
     their tensors strictly (peft's format, or the earlier layout). Returns whether it did."""
-    from peft import LoraConfig
-
     lora_dir = os.path.join(folder, LORA_FOLDER)
     if not os.path.isfile(os.path.join(lora_dir, "adapter_config.json")):
         return False
+    from peft import LoraConfig
     config = LoraConfig.from_pretrained(lora_dir)
     if not has_lora(model):
         apply_lora(model, config.r, config.lora_alpha, config.lora_dropout, sorted(config.target_modules))
@@ -87,4 +88,10 @@ def load_lora(model, folder: str | os.PathLike) -> bool:
     return True
 
 
-__all__ = ["LORA_FOLDER", "apply_lora", "has_lora", "load_lora", "peft_state_dict", "save_lora"]
+def save_lora_if_present(model, folder: str | os.PathLike) -> None:
+    """`save_lora` when the model holds LoRA layers (every adapter-form save calls this)."""
+    if has_lora(model):
+        save_lora(model, folder)
+
+
+__all__ = ["LORA_FOLDER", "apply_lora", "has_lora", "load_lora", "peft_state_dict", "save_lora", "save_lora_if_present"]
