@@ -57,7 +57,10 @@ def save_lora(model, folder: str | os.PathLike) -> None:
         raise ValueError("The model holds LoRA tensors but no `lora_config` (inject them with `apply_lora`).")
     target = os.path.join(folder, LORA_FOLDER)
     os.makedirs(target, exist_ok=True)
-    config.base_model_name_or_path = getattr(model.language_model.config, "_name_or_path", None)
+    # the LM's reference where it is a name or path (an embedded backbone's cache path means nothing elsewhere)
+    reference = (getattr(model.config, "backbone_references", None) or {}).get("text_model")
+    config.base_model_name_or_path = reference if isinstance(reference, str) else (
+        None if reference else getattr(model.language_model.config, "_name_or_path", None))
     config.save_pretrained(target)
     save_file(peft_state_dict(model), os.path.join(target, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
 
