@@ -309,8 +309,8 @@ def parse_group_weights(spec: str, argument: str = "interleaved_group_weights") 
 def group_weighted_order(groups: list[str], weights: Mapping[str, float], seed: int = 0) -> list[int]:
     """An order of the row indices `0..len(groups)-1` (as long as `groups`) in which a row of group `g`
     appears `weights[g]` times as often as a row of weight 1 (groups not named weigh 1; weight 0
-    leaves a group out). Within a group the rows are shuffled and cycled, so a group drawn more often
-    than it has rows repeats each of its rows before any row a third time; the whole order is shuffled.
+    leaves a group out). Within a group the rows are shuffled and cycled, so the draws of any two rows
+    of a group differ by at most one; the whole order is shuffled.
     Deterministic in `seed`."""
     by_group: dict[str, list[int]] = {}
     for index, group in enumerate(groups):
