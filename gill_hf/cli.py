@@ -3,12 +3,13 @@ function; this file only wires them together. Every command sets `func(namespace
 
     gill-hf train --model_name_or_path ... --train_tsv ... --image_dir ... --output_dir ... [any TrainingArguments flag]
     gill-hf train-retrieval --model_name_or_path ... --dataset_name ... --output_dir ...
+    gill-hf train-generation --model_name_or_path ... --dataset_name ... --interleaved_dataset_name ... --output_dir ...
     gill-hf train-decision --model_name_or_path ... --prompts prompts.tsv --output_dir ...
     gill-hf convert-original ORIGINAL_DIR OUTPUT_DIR --text-model ... --vision-model ...
     gill-hf demo --output-dir out/demo
     gill-hf eval-world
     gill-hf eval {vist,visdial} DATA_DIR --clip CLIP --output-dir OUT
-    gill-hf gill-tiny {prepare,command,train,train-retrieval,decision,ship,export}
+    gill-hf gill-tiny {prepare,command,train,train-retrieval,train-generation,decision,ship,export}
     gill-hf world {generate,train-judge,train-clip,train-vae,train-unet,evaluate}
 """
 
@@ -25,7 +26,7 @@ COMMAND_MODULES = (
     ("gill_hf.world.cli", "register_world_commands", "world"),
     ("gill_hf.eval_vist", "register", "eval"),
     ("gill_hf.eval_visdial", "register", "eval"),
-    ("gill_hf.world.gill_tiny", "register", None),
+    ("gill_hf.world.gill_tiny_cli", "register", None),
     ("gill_hf.world.eval_gill", "register", None),
     ("gill_hf.demo", "register", None),
     ("gill_hf.serve", "register", None),
@@ -86,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     register_train_command(subparsers)
     from .data import register_data_commands
     from .decision import register_decision_command
+    from .generation_training import register_generation_command
     from .retrieval_training import register_retrieval_command
 
     register_decision_command(subparsers)
     register_retrieval_command(subparsers)
+    register_generation_command(subparsers)
     register_data_commands(subparsers)
     groups: dict[str, argparse._SubParsersAction] = {}
     for module_name, function_name, group in COMMAND_MODULES:

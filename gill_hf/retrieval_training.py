@@ -16,8 +16,6 @@ Nothing else changes: captioning and generation give bitwise the same outputs. A
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import time
 import warnings
@@ -25,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from .metrics.functional import retrieval_metrics
 from .modeling.training_passes import symmetric_info_nce
+from .refit import add_fit_arguments, check_fit_arguments, fit_parameters, load_for_refit, save_refit
 
 # The tensors `fit_retrieval_heads` trains (module or parameter names of GillForConditionalGeneration).
 RETRIEVAL_PARAMETERS = ("text_retrieval_projection", "image_retrieval_projection", "logit_scale")
@@ -127,55 +125,24 @@ def fit_retrieval_heads(model, train: RetrievalFeatures, eval_features: Retrieva
                         warmup_ratio: float = 0.05, max_grad_norm: float = 1.0, seed: int = 0,
                         logging_steps: int = 100, progress: bool = False) -> RetrievalFitResult:
     """Refits `text_retrieval_projection`, `image_retrieval_projection` and `logit_scale` in place
-    with the reference's AdamW (betas 0.9/0.95, eps 1e-8, clipping 1.0), batches drawn without
-    replacement (a fresh permutation per epoch). Unlike the reference's joint run: weight decay on
-    the two matrices only (not on biases and `logit_scale`) and linear warm-up + cosine decay (a
-    short fit has no use for the 10k-step StepLR). No other parameter of `model` is touched, and
-    `requires_grad` flags are restored whatever happens."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 2 <= batch_size <= len(train):
-        raise ValueError(f"`batch_size` must be an int in [2, {len(train)}] (the number of training pairs), got {batch_size!r}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
-    if isinstance(logging_steps, bool) or not isinstance(logging_steps, int) or logging_steps < 1:
-        raise ValueError(f"`logging_steps` must be a positive int, got {logging_steps!r}.")
+    (`gill_hf.refit.fit_parameters`: the reference's AdamW, clipping 1.0, batches drawn without
+    replacement). Unlike the reference's joint run: weight decay on the two matrices only (not on
+    biases and `logit_scale`) and linear warm-up + cosine decay (a short fit has no use for the
+    10k-step StepLR). No other parameter of `model` is touched."""
+    check_fit_arguments(len(train), batch_size, steps, logging_steps, "training pairs")
     for name, features in (("train", train), ("eval_features", eval_features)):
         if features is not None:
             check_feature_widths(model, features, name)
-    params = retrieval_parameters(model)
-    trainable = [p.requires_grad for p in model.parameters()]
-    bar = tqdm(total=steps, desc="train-retrieval", unit="step", disable=not progress)
-    try:
-        model.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        result = RetrievalFitResult(eval_before=evaluate_recall(model, eval_features) if eval_features is not None else None)
-        # weight decay on the projection matrices only (not on biases or logit_scale)
-        decay = [p for p in params if p.ndim == 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": [p for p in params if p.ndim != 2], "weight_decay": 0.0}],
-                                      lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
-        generator = torch.Generator().manual_seed(seed)
-        order, cursor = torch.randperm(len(train), generator=generator), 0
-        for step in range(1, steps + 1):
-            if cursor + batch_size > len(order):
-                order, cursor = torch.randperm(len(train), generator=generator), 0
-            index = order[cursor : cursor + batch_size]
-            cursor += batch_size
-            loss = contrastive_loss(model, RetrievalFeatures(train.text_states[index], train.image_features[index]))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            bar.update()
-            if step == 1 or step % logging_steps == 0 or step == steps:
-                result.losses.append((step, loss.item()))
-                bar.set_postfix(contrastive_loss=f"{loss.item():.4f}")
-    finally:
-        bar.close()
-        for p, flag in zip(model.parameters(), trainable):
-            p.requires_grad_(flag)
+    result = RetrievalFitResult(eval_before=evaluate_recall(model, eval_features) if eval_features is not None else None)
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(model, RetrievalFeatures(train.text_states[index], train.image_features[index]))
+
+    result.losses = fit_parameters(model, retrieval_parameters(model), len(train), batch_loss, batch_size=batch_size,
+                                   steps=steps, learning_rate=learning_rate, weight_decay=weight_decay,
+                                   warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, seed=seed,
+                                   logging_steps=logging_steps, desc="train-retrieval", loss_name="contrastive_loss",
+                                   progress=progress)
     if eval_features is not None:
         result.eval_after = evaluate_recall(model, eval_features)
     return result
@@ -190,20 +157,6 @@ def _check_arguments(namespace: argparse.Namespace) -> None:
     if namespace.max_train_samples is not None and namespace.max_train_samples < namespace.batch_size:
         raise ValueError(f"`--max_train_samples` ({namespace.max_train_samples}) must be at least `--batch_size` "
                          f"({namespace.batch_size}).")
-
-
-def load_for_refit(path: str, backbone_dtype: str):
-    """(model in eval mode, checkpoint form). `bfloat16` applies to the frozen backbones only (GILL's
-    heads load in fp32), as `gill-hf train --backbone_dtype` loads them, and only for adapter-form
-    checkpoints: a full-form save would write the backbones back in that dtype."""
-    from .modeling.checkpoint_forms import default_form
-    from .modeling import GillConfig, GillForConditionalGeneration
-
-    form = default_form(GillConfig.from_pretrained(path))
-    if backbone_dtype != "float32" and form == "full":
-        raise ValueError(f"`--backbone_dtype {backbone_dtype}` needs an adapter-form checkpoint; {path!r} is full form "
-                         "and would be saved with its backbones in that dtype. Use float32.")
-    return GillForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, backbone_dtype)).eval(), form
 
 
 def run_train_retrieval(namespace: argparse.Namespace) -> dict:
@@ -235,15 +188,11 @@ def run_train_retrieval(namespace: argparse.Namespace) -> dict:
     result = fit_retrieval_heads(model, train, evaluation, batch_size=namespace.batch_size, steps=namespace.steps,
                                  learning_rate=namespace.learning_rate, weight_decay=namespace.weight_decay,
                                  seed=namespace.seed, logging_steps=namespace.logging_steps, progress=True)
-    model.save_pretrained(namespace.output_dir, form=form)
-    processor.save_pretrained(namespace.output_dir)
     metrics = {"model_name_or_path": os.path.abspath(namespace.model_name_or_path), "num_pairs": len(train),
                "batch_size": namespace.batch_size, "steps": namespace.steps, "learning_rate": namespace.learning_rate, "losses": result.losses, "eval_before": result.eval_before,
                "eval_after": result.eval_after, "logit_scale_exp": model.logit_scale.exp().item(),
                "features_s": round(features_s, 1), "wall_s": round(time.time() - start, 1), "form": form}
-    with open(os.path.join(namespace.output_dir, "retrieval_metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=1)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}))
+    save_refit(model, processor, form, namespace.output_dir, "retrieval_metrics.json", metrics)
     return metrics
 
 
@@ -259,17 +208,11 @@ def register_retrieval_command(subparsers) -> None:
     p.add_argument("--caption_column", default="caption")
     p.add_argument("--max_train_samples", type=int, default=None, help="Keep the first N training pairs.")
     p.add_argument("--output_dir", required=True, help="Where the model with the refit projections is saved.")
-    p.add_argument("--batch_size", type=int, default=200, help="Contrastive batch (reference: global batch 200).")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate (reference: 1e-3).")
-    p.add_argument("--weight_decay", type=float, default=0.01,
-                   help="On the two projection matrices only (the reference's 0.01, which it applies to every tensor).")
-    p.add_argument("--max_length", type=int, default=32, help="Row length cap, [IMG] block included (as in `gill-hf train`).")
-    p.add_argument("--feature_batch_size", type=int, default=64, help="Rows per forward pass of the feature computation.")
-    p.add_argument("--backbone_dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the frozen backbones for the feature pass (bfloat16: adapter-form checkpoints only).")
-    p.add_argument("--logging_steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    add_fit_arguments(p, batch_size=200, batch_help="Contrastive batch (reference: global batch 200).", learning_rate=1e-3,
+                      learning_rate_help="AdamW learning rate (reference: 1e-3).",
+                      weight_decay_help="On the two projection matrices only (the reference's 0.01, which it applies to "
+                                        "every tensor).",
+                      feature_batch_size=64, max_length_help="Row length cap, [IMG] block included (as in `gill-hf train`).")
     p.set_defaults(func=run_train_retrieval)
 
 

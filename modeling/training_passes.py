@@ -161,11 +161,9 @@ def training_forward(model, input_ids, pixel_values=None, image_features=None, g
     if gen_targets is not None:
         conditioning = model.get_decoder_conditioning(out.img_hidden_states)
         out.prompt_embeds = conditioning["prompt_embeds"]
-        out.gen_loss = per_token_l2_distance(out.prompt_embeds, gen_targets)
-        if "pooled_prompt_embeds" in conditioning:
-            out.pooled_prompt_embeds = conditioning["pooled_prompt_embeds"]
-            out.gen_pooled_loss = (out.pooled_prompt_embeds.float() - gen_pooled_targets.float()).pow(2).sum(-1).sqrt().mean()
-            out.gen_loss = out.gen_loss + config.pooled_loss_scale * out.gen_pooled_loss
+        out.pooled_prompt_embeds = conditioning.get("pooled_prompt_embeds")
+        out.gen_loss, out.gen_pooled_loss = generation_loss(conditioning, gen_targets, gen_pooled_targets,
+                                                            config.pooled_loss_scale)
 
     scaled = [
         (out.caption_loss, config.caption_loss_scale),
@@ -206,6 +204,18 @@ def symmetric_info_nce(logits_per_image: torch.Tensor) -> torch.Tensor:
 def per_token_l2_distance(prompt_embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over examples and positions of the L2 distance (not squared) per token."""
     return (prompt_embeds.float() - targets.float()).pow(2).sum(-1).sqrt().mean()
+
+
+def generation_loss(conditioning: dict[str, torch.Tensor], gen_targets: torch.Tensor,
+                    gen_pooled_targets: torch.Tensor | None = None, pooled_loss_scale: float = 1.0):
+    """GILL's generation loss on the mapper's output (`get_decoder_conditioning`): the per-token L2
+    distance to `gen_targets`, plus `pooled_loss_scale` x the L2 distance of the pooled vector for
+    decoders with one. Returns `(gen_loss, pooled part or None)`."""
+    loss = per_token_l2_distance(conditioning["prompt_embeds"], gen_targets)
+    if "pooled_prompt_embeds" not in conditioning:
+        return loss, None
+    pooled = (conditioning["pooled_prompt_embeds"].float() - gen_pooled_targets.float()).pow(2).sum(-1).sqrt().mean()
+    return loss + pooled_loss_scale * pooled, pooled
 
 
 class _GatherWithGradient(torch.autograd.Function):

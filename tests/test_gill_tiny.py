@@ -79,6 +79,35 @@ def test_retrieval_refit_command_parses_with_gill_hf_train_retrieval(tmp_path, m
     assert namespace.output_dir == str(gill_tiny.work_dir() / "retrieval")
 
 
+def test_generation_refit_command_parses_with_gill_hf_train_generation(tmp_path, monkeypatch):
+    """`gill-tiny train-generation` is `gill-hf train-generation` on caption and context rows with eval splits."""
+    from gill_hf.cli import build_parser
+
+    monkeypatch.setenv("GILL_HF_WORLD_CACHE", str(tmp_path))
+    argv = gill_tiny.generation_argv(tmp_path / "refit", max_captions=300, max_context=200)
+    namespace = build_parser().parse_args(["train-generation", *argv])
+    assert namespace.dataset_name == str(gill_tiny.data_dir()) and namespace.eval_split == "validation"
+    assert namespace.interleaved_dataset_name == str(gill_tiny.context_data_dir())
+    assert namespace.interleaved_eval_split == "validation"
+    assert (namespace.max_train_samples, namespace.max_interleaved_samples, namespace.steps) == (300, 200, 2000)
+    assert namespace.output_dir == str(gill_tiny.work_dir() / "generation")
+
+
+def test_ship_refuses_a_refit_of_another_checkpoint(tmp_path):
+    """`ship` takes the checkpoint -> retrieval refit -> generation refit chain only as recorded in their metrics."""
+    checkpoint, retrieval, generation = tmp_path / "run", tmp_path / "retrieval", tmp_path / "generation"
+    for folder in (checkpoint, retrieval, generation):
+        folder.mkdir()
+    (retrieval / "retrieval_metrics.json").write_text(json.dumps({"model_name_or_path": str(checkpoint)}))
+    (generation / "generation_metrics.json").write_text(json.dumps({"model_name_or_path": str(retrieval)}))
+    assert gill_tiny._refit_chain(checkpoint, retrieval, generation) == generation
+    assert gill_tiny._refit_chain(checkpoint, retrieval, None) == retrieval
+    with pytest.raises(ValueError, match="is a refit of"):  # the generation refit is of the retrieval refit
+        gill_tiny._refit_chain(checkpoint, None, generation)
+    with pytest.raises(ValueError, match="is a refit of"):
+        gill_tiny._refit_chain(tmp_path / "other", retrieval, generation)
+
+
 def test_gill_tiny_config_is_small():
     from gill_hf import GillConfig
 

@@ -31,11 +31,8 @@ default `~/.cache/gill_hf_world/gill_tiny`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
-import sys
 from pathlib import Path
 
 from ..embedded import world_clip_reference
@@ -243,6 +240,22 @@ def retrieval_argv(checkpoint: str | os.PathLike, output_dir: str | None = None,
         "--output_dir", output_dir or str(work_dir() / "retrieval"),
         "--batch_size", str(batch_size), "--steps", str(steps),
         "--backbone_dtype", backbone_dtype, "--seed", str(seed),  # as in training: the features it learnt on
+    ]
+
+
+def generation_argv(checkpoint: str | os.PathLike, output_dir: str | None = None, num_train: int = DEFAULT_NUM_TRAIN,
+                    num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, steps: int = 2000, max_captions: int = 8000,
+                    max_context: int = 8000) -> list[str]:
+    """The `gill-hf train-generation` arguments: GILL-tiny's mapper refit on the frozen `[IMG]` states of
+    the first `max_captions` caption rows and `max_context` context rows (fp32 backbones, as at inference)."""
+    return [
+        "--model_name_or_path", str(checkpoint),
+        "--dataset_name", str(data_dir(num_train, num_eval, seed)), "--eval_split", "validation",
+        "--max_train_samples", str(max_captions),
+        "--interleaved_dataset_name", str(context_data_dir(seed=seed)), "--interleaved_eval_split", "validation",
+        "--max_interleaved_samples", str(max_context),
+        "--output_dir", output_dir or str(work_dir() / "generation"),
+        "--steps", str(steps), "--seed", str(seed),
     ]
 
 
@@ -460,6 +473,11 @@ def write_card(output_dir: str | os.PathLike, history: dict, info: dict) -> None
             "`gill-hf train-retrieval`: the retrieval projections and `logit_scale` refit at the reference's "
             "contrastive batch on frozen features of the training pairs (validation R@1/R@5 before -> after):", "",
             "```", json.dumps(info["retrieval_refit"], indent=1), "```", ""]),
+        *([] if "generation_refit" not in info else [
+            "## Generation mapper refit", "",
+            "`gill-hf train-generation`: the mapper refit on frozen `[IMG]` states of caption and context rows "
+            "(validation generation loss before -> after):", "",
+            "```", json.dumps(info["generation_refit"], indent=1), "```", ""]),
         "## Decision head", "",
         "`gill-hf train-decision` on world prompts labelled by whether the described scene is in the retrieval "
         f"set ({RETRIEVAL_SIZE} `{RETRIEVAL_SPLIT}` images, seed {RETRIEVAL_SEED}, never trained on); shipped head: "
@@ -474,18 +492,30 @@ def shipped_dir() -> Path:
     return work_dir() / "shipped"
 
 
+def _refit_chain(checkpoint: Path, retrieval_refit, generation_refit) -> Path:
+    """The folder to ship: the checkpoint, its retrieval refit, then the generation refit of that,
+    each checked to be a refit of the one before (its metrics name its source)."""
+    source = checkpoint
+    for refit, metrics_file in ((retrieval_refit, "retrieval_metrics.json"), (generation_refit, "generation_metrics.json")):
+        if refit:
+            refit_of = json.loads((Path(refit) / metrics_file).read_text())["model_name_or_path"]
+            if Path(refit_of).resolve() != source.resolve():
+                raise ValueError(f"{str(refit)!r} is a refit of {refit_of!r}, not of {str(source)!r}.")
+            source = Path(refit)
+    return source
+
+
 def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None = None, num_prompts: int = DECISION_PROMPTS,
-         num_train: int = DECISION_TRAIN, extra_info: dict | None = None, retrieval_refit: str | os.PathLike | None = None) -> dict:
-    """Checkpoint (or its `gill-hf train-retrieval` refit) -> fp16 adapter -> both decision heads
-    (`gill-hf train-decision`) -> the shipped folder (GILL-tiny with the `hidden_and_score` head,
-    fp16) with its card and training curve (from the checkpoint's trainer state)."""
+         num_train: int = DECISION_TRAIN, extra_info: dict | None = None, retrieval_refit: str | os.PathLike | None = None,
+         generation_refit: str | os.PathLike | None = None) -> dict:
+    """Checkpoint (or its `gill-hf train-retrieval` refit, or the `gill-hf train-generation` refit of
+    either) -> fp16 adapter -> both decision heads (`gill-hf train-decision`) -> the shipped folder
+    (GILL-tiny with the `hidden_and_score` head, fp16) with its card and training curve (from the
+    checkpoint's trainer state)."""
     checkpoint = Path(checkpoint)
-    if retrieval_refit:
-        refit_of = json.loads((Path(retrieval_refit) / "retrieval_metrics.json").read_text())["model_name_or_path"]
-        if Path(refit_of).resolve() != checkpoint.resolve():
-            raise ValueError(f"{str(retrieval_refit)!r} is a refit of {refit_of!r}, not of {str(checkpoint)!r}.")
+    source = _refit_chain(checkpoint, retrieval_refit, generation_refit)
     staging = work_dir() / "ship"
-    plain = export(retrieval_refit or checkpoint, staging / "adapter")
+    plain = export(source, staging / "adapter")
     decision = train_decision(plain, staging / "decision", num_prompts=num_prompts, num_train=num_train)
     output_dir = export(staging / "decision" / "hidden_and_score", output_dir)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -494,168 +524,9 @@ def ship(checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None = N
     info = {"checkpoint": str(checkpoint), "steps": state["global_step"], "batch_size": state.get("train_batch_size"),
             "decision_head_type": "hidden_and_score", "decision": decision,
             "metrics": {"validation (256 pairs, last eval)": evals[-1] if evals else None}, **(extra_info or {})}
-    if retrieval_refit:
-        refit = json.loads((Path(retrieval_refit) / "retrieval_metrics.json").read_text())
-        info["retrieval_refit"] = {k: v for k, v in refit.items() if k != "losses"}
+    for key, refit, metrics_file in (("retrieval_refit", retrieval_refit, "retrieval_metrics.json"),
+                                     ("generation_refit", generation_refit, "generation_metrics.json")):
+        if refit:
+            info[key] = {k: v for k, v in json.loads((Path(refit) / metrics_file).read_text()).items() if k != "losses"}
     write_card(output_dir, history, info)
     return info
-
-
-# ----- command line ---------------------------------------------------------------------------------------
-
-
-def run_registered_command(register, argv: list[str]):
-    """Runs a package command from the function that registers it (its own argument definitions),
-    as `gill-hf` would, without going through the CLI module."""
-    parser = argparse.ArgumentParser(prog="gill-hf")
-    register(parser.add_subparsers(dest="command", required=True))
-    namespace = parser.parse_args(argv)
-    return namespace.func(namespace)
-
-
-def _cmd_prepare(ns) -> None:
-    print(json.dumps(prepare(ns.num_train, ns.num_eval, ns.seed, ns.force), indent=1))
-
-
-def _train_argv_of(ns) -> list[str]:
-    return train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps,
-                      ns.eval_steps, ns.backbone_dtype, ns.init, ns.context_ratio, ns.lora_r, ns.learning_rate,
-                      ns.context_kind_weights)
-
-
-def _cmd_command(ns) -> None:
-    argv = _train_argv_of(ns)
-    print("gill-hf train " + " ".join(shlex.quote(a) for a in argv))
-
-
-def _cmd_train(ns) -> None:
-    import torch
-
-    from ..train_recipe import train_from_argv
-
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
-    prepare(ns.num_train, ns.num_eval, ns.seed)
-    if ns.context_ratio > 0:
-        prepare_context(seed=ns.seed)
-    argv = _train_argv_of(ns)
-    if ns.resume_from_checkpoint:
-        argv += ["--resume_from_checkpoint", ns.resume_from_checkpoint]
-    print("[gill-tiny] gill-hf train " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    train_from_argv(argv)
-
-
-def _cmd_retrieval(ns) -> None:
-    import torch
-
-    from ..retrieval_training import register_retrieval_command
-
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
-    argv = retrieval_argv(ns.checkpoint, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.steps, ns.batch_size,
-                          ns.backbone_dtype)
-    print("[gill-tiny] gill-hf train-retrieval " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    run_registered_command(register_retrieval_command, ["train-retrieval", *argv])
-
-
-def _cmd_decision(ns) -> None:
-    import torch
-
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
-    output_dir = ns.output_dir or work_dir() / "decision"
-    print(json.dumps(train_decision(ns.model, output_dir, ns.num_prompts, ns.num_train), indent=1))
-
-
-def _cmd_ship(ns) -> None:
-    import torch
-
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
-    extra = json.loads(Path(ns.info).read_text()) if ns.info else None
-    print(json.dumps(ship(ns.checkpoint, ns.output_dir, ns.num_prompts, ns.num_train, extra, ns.retrieval_refit),
-                     indent=1, default=str))
-
-
-def _cmd_export(ns) -> None:
-    print(export(ns.checkpoint, ns.output_dir))
-
-
-def register(subparsers) -> None:
-    """Adds `gill-tiny {prepare,command,train,train-retrieval,decision,ship,export}` (for `gill-hf` to register)."""
-    parser = subparsers.add_parser("gill-tiny", help="GILL-tiny on the embedded world: prepare data/targets/init, train, refit retrieval, ship.")
-    sub = parser.add_subparsers(dest="gill_tiny_command", required=True)
-
-    def common(p):
-        p.add_argument("--num-train", type=int, default=DEFAULT_NUM_TRAIN)
-        p.add_argument("--num-eval", type=int, default=DEFAULT_NUM_EVAL)
-        p.add_argument("--seed", type=int, default=0)
-
-    p = sub.add_parser("prepare", help="World splits + targets (gill-hf precompute-targets) + initial adapter checkpoint.")
-    common(p)
-    p.add_argument("--force", action="store_true")
-    p.set_defaults(func=_cmd_prepare)
-    for name, func in (("command", _cmd_command), ("train", _cmd_train)):
-        p = sub.add_parser(name, help="Print / run the gill-hf train command of GILL-tiny.")
-        common(p)
-        p.add_argument("--max-steps", type=int, default=400)
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--save-steps", type=int, default=50)
-        p.add_argument("--eval-steps", type=int, default=100)
-        p.add_argument("--backbone-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-        p.add_argument("--output-dir", default=None)
-        p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--resume-from-checkpoint", default=None)
-        p.add_argument("--init", default=None, help="Starting checkpoint (default: the fresh heads of `prepare`; the "
-                                                    "shipped GILL-tiny folder warm-starts).")
-        p.add_argument("--context-ratio", type=float, default=0.0,
-                       help="Share of interleaved world context examples (world.context) in the mix (0: captions only).")
-        p.add_argument("--context-kind-weights", default=None,
-                       help="`kind=weight,...`: draw the context rows of a kind `weight` times as often (e.g. "
-                            "`combine=3,edit-colour=2`; kinds not named weigh 1).")
-        p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the LM (0: frozen LM, the reference).")
-        p.add_argument("--learning-rate", type=float, default=None, help="Peak learning rate (default: the reference's 1e-3).")
-        p.set_defaults(func=func)
-    p = sub.add_parser("train-retrieval", help="Refit the retrieval projections of a checkpoint at batch 200 "
-                                                "(gill-hf train-retrieval on frozen features).")
-    common(p)
-    p.add_argument("checkpoint")
-    p.add_argument("--output-dir", default=None, help="Default: <work>/retrieval.")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--backbone-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_cmd_retrieval)
-    p = sub.add_parser("decision", help="Both decision heads (gill-hf train-decision) on world prompts labelled by "
-                                        "whether the scene is in the retrieval set.")
-    p.add_argument("--model", default=str(GILL_TINY_DIR))
-    p.add_argument("--output-dir", default=None, help="default: ~/.cache/gill_hf_world/gill_tiny/decision")
-    p.add_argument("--num-prompts", type=int, default=DECISION_PROMPTS)
-    p.add_argument("--num-train", type=int, default=DECISION_TRAIN)
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_cmd_decision)
-    p = sub.add_parser("ship", help="Checkpoint -> decision heads -> the shipped fp16 folder with card and curves.")
-    p.add_argument("checkpoint")
-    p.add_argument("--output-dir", default=None, help="default: ~/.cache/gill_hf_world/gill_tiny/shipped "
-                                                      "(`gill_hf/world/assets/gill_tiny` updates the shipped adapter)")
-    p.add_argument("--num-prompts", type=int, default=DECISION_PROMPTS)
-    p.add_argument("--num-train", type=int, default=DECISION_TRAIN)
-    p.add_argument("--info", default=None, help="JSON file of extra facts for the card (data, wall time, hardware).")
-    p.add_argument("--retrieval-refit", default=None, help="The checkpoint's `gill-tiny train-retrieval` output: ship its weights.")
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_cmd_ship)
-    p = sub.add_parser("export", help="Checkpoint -> the shipped fp16 adapter folder.")
-    p.add_argument("checkpoint")
-    p.add_argument("--output-dir", default=None, help="default: ~/.cache/gill_hf_world/gill_tiny/shipped")
-    p.set_defaults(func=_cmd_export)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gill_hf.world.gill_tiny")
-    register(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    ns.func(ns)
-
-
-if __name__ == "__main__":
-    main()
