@@ -68,9 +68,9 @@ def block_states(model, collator, dataset, batch_size: int = 32, progress: bool 
     Rows the collator skips (unreadable image or target) are left out with their targets. States do
     not depend on the batch: rows are right-padded and the LM is causal."""
     device = model.img_embeddings.device
-    targets = [c for c in ("gen_targets", "gen_pooled_targets") if c in (getattr(dataset, "column_names", None) or ())]
-    if targets:  # as arrays: Arrow's nested lists become Python floats otherwise, seconds per batch
-        dataset = dataset.with_format("numpy", columns=targets, output_all_columns=True)
+    target_columns = [c for c in ("gen_targets", "gen_pooled_targets") if c in (getattr(dataset, "column_names", None) or ())]
+    if target_columns:  # as arrays: Arrow's nested lists become Python floats otherwise, seconds per batch
+        dataset = dataset.with_format("numpy", columns=target_columns, output_all_columns=True)
     parts = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="[IMG] block states", unit="batch", disable=not progress):
         columns = dataset[start : start + batch_size]

@@ -1,7 +1,7 @@
 """`gill-hf train-generation`: the refit's loss is the training forward's generation loss, the [IMG]
 block states do not depend on batching, the fit learns and touches nothing but the mapper, bad
 arguments fail before any work, and the command saves a model that reloads with its metrics.
-Budget: ~15 s on 2 cores."""
+Budget: ~3 s on 2 cores (measured 2026-12-05)."""
 
 import json
 
