@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from gill_hf.world.context import (PHRASES, SPLITS, TEST_ONLY_KINDS, TRAIN_KINDS, generate_context_dataset,
+from gill_hf.world.context import (PHRASES, SPLITS, TEST_ONLY_KINDS, TRAIN_KINDS, WIDE_PHRASES, generate_context_dataset,
                                    sample_context_example, to_row)
 from gill_hf.world.render import HELDOUT_PAIRS
 
@@ -18,8 +18,8 @@ class Template:
         return "".join(f"<{m['role']}> {m['content']} </{m['role']}>" for m in messages) + " <assistant>"
 
 
-def _rows(split, n, seed=0):
-    return [to_row(sample_context_example(seed, split, i), Template()) for i in range(n)]
+def _rows(split, n, seed=0, phrasing="base"):
+    return [to_row(sample_context_example(seed, split, i, phrasing), Template()) for i in range(n)]
 
 
 def test_same_seed_same_examples_and_other_seeds_differ():
@@ -48,6 +48,22 @@ def test_test_phrasings_and_the_test_only_kind_never_occur_in_training():
             assert not pattern.search(row["context_text"]), (pattern.pattern, row["context_text"])
     # Every test example uses at least one test phrasing.
     assert all(any(p.search(r["context_text"]) for p in test_patterns) for r in test)
+
+
+def test_the_wide_pool_adds_training_phrasings_only():
+    """`phrasing="wide"`: train / validation instructions also come from WIDE_PHRASES, never a test
+    phrasing; `context_test` is the same either way; the base pool never says a wide phrasing."""
+    test_patterns = [_pattern(t) for _, tests in PHRASES.values() for t in tests]
+    wide_patterns = [_pattern(t) for phrasings in WIDE_PHRASES.values() for t in phrasings]
+    assert not set(t for p in WIDE_PHRASES.values() for t in p) & set(t for p in PHRASES.values() for pool in p for t in pool)
+    wide = _rows("train", 200, phrasing="wide") + _rows("validation", 100, phrasing="wide")
+    assert not any(p.search(r["context_text"]) for r in wide for p in test_patterns)
+    used = {p.pattern for r in wide for p in wide_patterns if p.search(r["context_text"])}
+    assert len(used) >= len(wide_patterns) // 2  # the pool is drawn from, not just present
+    assert not any(p.search(r["context_text"]) for r in _rows("train", 200) for p in wide_patterns)
+    assert _rows("context_test", 40, phrasing="wide") == _rows("context_test", 40)
+    with pytest.raises(ValueError, match="unknown phrasing 'broad'"):
+        sample_context_example(0, "train", 0, "broad")
 
 
 @pytest.mark.parametrize("split", SPLITS)

@@ -77,6 +77,24 @@ PHRASES = {
     "dialogue_open": (("Draw {np} {pos}.", "Show me {np} {pos}."), ("Could you draw {np} {pos}?",)),
     "dialogue_question": (("What is in this picture?", "Describe this image."), ("What do you see here?",)),
 }
+# The "wide" training pool: more ways to say each image instruction, none of them a test phrasing (a
+# model that saw two phrasings per kind reads the image worse under a new one: `context_test`).
+WIDE_PHRASES = {
+    "edit-colour": ("Colour it {colour}.", "Same thing in {colour}.", "I want it {colour}.", "Paint it {colour} instead.",
+                    "Change the colour to {colour}.", "Redo it in {colour}.", "Only the colour changes: {colour}.",
+                    "Show me the {colour} version."),
+    "edit-shape": ("Replace it with {a_shape}.", "Draw {a_shape} instead.", "Same colour, {a_shape} this time.",
+                   "I want {a_shape} here.", "Only the shape changes: {a_shape}.", "Redo it as {a_shape}."),
+    "edit-size": ("Draw the same thing but {size}.", "I want it {comparative}.", "It should be {size}.", "Resize it: {size}.",
+                  "Same picture, but {comparative}.", "Show me the {size} version.", "Only the size changes: {size}.",
+                  "Redo it {comparative}."),
+    "edit-position": ("Place it {pos}.", "Drag it {move}.", "Same object, but {pos}.", "Relocate it {move}.",
+                      "Only the place changes: {pos}.", "Redo it {pos}."),
+    "combine": ("Paint the first shape with the second one's colour.", "The first object, coloured like the second.",
+                "Take the shape from the first image and the colour from the second.",
+                "Recolour the first one with the colour of the second."),
+}
+PHRASINGS = ("base", "wide")  # training pools: PHRASES' training phrasings, or those plus WIDE_PHRASES
 DIALOGUE_EDITS = (  # per edited attribute: (training phrasing, test phrasing)
     {"colour": "Now make it {colour}.", "size": "Make it {comparative}.", "position": "Now move it {move}."},
     {"colour": "Can you change its colour to {colour}?", "size": "Could you make it {comparative}?",
@@ -128,53 +146,55 @@ def _words(rng: random.Random, o: WorldObject, before: WorldObject | None = None
             "a_shape": f"{_article(o.shape)} {o.shape}", "shape": o.shape}
 
 
-def _phrase(rng: random.Random, key: str, test: bool, **slots) -> str:
-    return rng.choice(PHRASES[key][1 if test else 0]).format(**slots)
+def _phrase(rng: random.Random, key: str, pool: str, **slots) -> str:
+    """A phrasing of `key` from `pool`: "test", "base" (training) or "wide" (training + WIDE_PHRASES)."""
+    choices = PHRASES[key][1] if pool == "test" else PHRASES[key][0] + (WIDE_PHRASES.get(key, ()) if pool == "wide" else ())
+    return rng.choice(choices).format(**slots)
 
 
-def _single_change(rng, test, kind) -> tuple[list, WorldObject]:
+def _single_change(rng, pool, kind) -> tuple[list, WorldObject]:
     attribute = {"recolour": "colour", "resize": "size", "move": "position", "reshape": "shape"}[kind]
     start = _object(rng)
     final = _changed(rng, start, attribute)
-    text = _phrase(rng, "intro", test, **_words(rng, start)) + " " + _phrase(rng, kind, test, **_words(rng, final, start))
+    text = _phrase(rng, "intro", pool, **_words(rng, start)) + " " + _phrase(rng, kind, pool, **_words(rng, final, start))
     return [("text", text)], final
 
 
 CHANGE_KINDS = {"colour": "recolour", "size": "resize", "position": "move", "shape": "reshape"}
 
 
-def story_frames(rng: random.Random, num_frames: int = 5, test: bool = False) -> list[tuple[str, WorldObject]]:
+def story_frames(rng: random.Random, num_frames: int = 5, pool: str = "base") -> list[tuple[str, WorldObject]]:
     """A story of `num_frames` sentences, each with the object it leaves: the first introduces an
     object, each next changes one attribute of "it" (never the one changed just before). Every
     frame after the first is ambiguous alone; the whole story fixes it."""
     obj = _object(rng)
-    frames = [(_phrase(rng, "intro", test, **_words(rng, obj)), obj)]
+    frames = [(_phrase(rng, "intro", pool, **_words(rng, obj)), obj)]
     last = None
     for _ in range(num_frames - 1):
         attribute = rng.choice([a for a in CHANGE_KINDS if a != last])
         new = _changed(rng, obj, attribute)
-        frames.append((_phrase(rng, CHANGE_KINDS[attribute], test, **_words(rng, new, obj)), new))
+        frames.append((_phrase(rng, CHANGE_KINDS[attribute], pool, **_words(rng, new, obj)), new))
         obj, last = new, attribute
     return frames
 
 
-def _story(rng: random.Random, kind: str, test: bool) -> tuple[list, WorldObject]:
+def _story(rng: random.Random, kind: str, pool: str) -> tuple[list, WorldObject]:
     if kind in ("recolour", "resize", "move", "reshape"):
-        return _single_change(rng, test, kind)
+        return _single_change(rng, pool, kind)
     if kind == "closing":
-        segments, final = _single_change(rng, test, rng.choice(("recolour", "resize", "move", "reshape")))
-        return [("text", segments[0][1] + " " + _phrase(rng, "closing", test))], final
+        segments, final = _single_change(rng, pool, rng.choice(("recolour", "resize", "move", "reshape")))
+        return [("text", segments[0][1] + " " + _phrase(rng, "closing", pool))], final
     if kind == "two-step":
         start = _object(rng)
         middle = _changed(rng, start, rng.choice(("colour", "size", "shape")))
         last_attribute = rng.choice(("position", "colour")) if middle.colour == start.colour else "position"
         final = _changed(rng, middle, last_attribute)
-        first = _phrase(rng, "intro", test, **_words(rng, start))
+        first = _phrase(rng, "intro", pool, **_words(rng, start))
         kind_of = {"colour": "recolour", "size": "resize", "shape": "reshape"}
         changed = next(a for a in ("colour", "size", "shape") if getattr(middle, a) != getattr(start, a))
-        second = _phrase(rng, kind_of[changed], test, **_words(rng, middle, start))
-        third = (_phrase(rng, "move", test, **_words(rng, final)) if last_attribute == "position"
-                 else _phrase(rng, "recolour", test, **_words(rng, final)))
+        second = _phrase(rng, kind_of[changed], pool, **_words(rng, middle, start))
+        third = (_phrase(rng, "move", pool, **_words(rng, final)) if last_attribute == "position"
+                 else _phrase(rng, "recolour", pool, **_words(rng, final)))
         return [("text", f"{first} {second} {third}")], final
     if kind == "other-one":
         first_pos, second_pos = rng.sample(CORNERS, 2)
@@ -184,9 +204,9 @@ def _story(rng: random.Random, kind: str, test: bool) -> tuple[list, WorldObject
             staying = _object(rng, second_pos)
         a, b = (leaving, staying) if rng.random() < 0.5 else (staying, leaving)
         wa, wb = _words(rng, a), _words(rng, b)
-        pair = _phrase(rng, "pair", test, np1=wa["np"], NP1=wa["NP"], pos1=wa["pos"], Pos1=wa["Pos"],
+        pair = _phrase(rng, "pair", pool, np1=wa["np"], NP1=wa["NP"], pos1=wa["pos"], Pos1=wa["Pos"],
                        np2=wb["np"], pos2=wb["pos"])
-        leave = _phrase(rng, "leave", test, shape1=leaving.shape, colour1=leaving.colour)
+        leave = _phrase(rng, "leave", pool, shape1=leaving.shape, colour1=leaving.colour)
         return [("text", f"{pair} {leave}")], staying
     if kind == "distractor":
         final = _object(rng)
@@ -194,62 +214,67 @@ def _story(rng: random.Random, kind: str, test: bool) -> tuple[list, WorldObject
         while other.shape == final.shape:
             other = _object(rng)
         slots = _words(rng, final)
-        text = _phrase(rng, "distractor", test, np_d=_np(rng, other), NP_d=_np(rng, other).capitalize(), **slots)
+        text = _phrase(rng, "distractor", pool, np_d=_np(rng, other), NP_d=_np(rng, other).capitalize(), **slots)
         return [("text", text)], final
     raise ValueError(f"unknown story kind {kind!r}")
 
 
-def _image_kind(rng: random.Random, kind: str, test: bool) -> tuple[list, WorldObject, list[Scene]]:
+def _image_kind(rng: random.Random, kind: str, pool: str) -> tuple[list, WorldObject, list[Scene]]:
     background = rng.choice(BACKGROUND_NAMES)
     source = _object(rng)
     scene = Scene(background, (source,))
     if kind.startswith("edit-"):
         attribute = {"edit-colour": "colour", "edit-shape": "shape", "edit-size": "size", "edit-position": "position"}[kind]
         final = _changed(rng, source, attribute)
-        return [("image", scene), ("text", _phrase(rng, kind, test, **_words(rng, final, source)))], final, [scene]
+        return [("image", scene), ("text", _phrase(rng, kind, pool, **_words(rng, final, source)))], final, [scene]
     if kind == "combine":
         donor = _object(rng)
         while donor.colour == source.colour or (source.shape, donor.colour) in HELDOUT_PAIRS:
             donor = _object(rng)
         second = Scene(rng.choice(BACKGROUND_NAMES), (donor,))
         final = replace(source, colour=donor.colour)
-        return [("image", scene), ("image", second), ("text", _phrase(rng, "combine", test))], final, [scene, second]
+        return [("image", scene), ("image", second), ("text", _phrase(rng, "combine", pool))], final, [scene, second]
     raise ValueError(f"unknown image kind {kind!r}")
 
 
-def _dialogue(rng: random.Random, test: bool) -> tuple[list, WorldObject, list[Scene]]:
+def _dialogue(rng: random.Random, pool: str) -> tuple[list, WorldObject, list[Scene]]:
     """Chat messages (`role`, `content` items of type text / image), the last user turn an edit."""
     source = _object(rng)
     scene = Scene(rng.choice(BACKGROUND_NAMES), (source,))
     attribute = rng.choice(("colour", "size", "position"))
     final = _changed(rng, source, attribute)
-    edit = DIALOGUE_EDITS[1 if test else 0][attribute].format(**_words(rng, final, source))
+    edit = DIALOGUE_EDITS[1 if pool == "test" else 0][attribute].format(**_words(rng, final, source))
     if rng.random() < 0.5:  # the user asks for a picture, the assistant shows one
-        messages = [{"role": "user", "content": [{"type": "text", "text": _phrase(rng, "dialogue_open", test, **_words(rng, source))}]},
+        messages = [{"role": "user", "content": [{"type": "text", "text": _phrase(rng, "dialogue_open", pool, **_words(rng, source))}]},
                     {"role": "assistant", "content": [{"type": "image"}]}]
     else:  # the user shows a picture, the assistant describes it
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _phrase(rng, "dialogue_question", test)}]},
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _phrase(rng, "dialogue_question", pool)}]},
                     {"role": "assistant", "content": [{"type": "text", "text": exact_caption(source).capitalize() + "."}]}]
     messages.append({"role": "user", "content": [{"type": "text", "text": edit}]})
     return messages, final, [scene]
 
 
-def sample_context_example(seed: int, split: str, index: int) -> dict:
+def sample_context_example(seed: int, split: str, index: int, phrasing: str = "base") -> dict:
     """One example as plain Python: `kind`, `segments` (`("text", str)` / `("image", Scene)`, or
-    for dialogues `messages`), `final` (the target object) and `scenes` (the input images)."""
+    for dialogues `messages`), `final` (the target object) and `scenes` (the input images).
+    `phrasing` picks the training pool of `train` / `validation` ("base" or "wide", see
+    `WIDE_PHRASES`); `context_test` always uses the test phrasings."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"unknown phrasing {phrasing!r}; expected one of {PHRASINGS}")
     test = split == "context_test"
+    pool = "test" if test else phrasing
     kinds = TEST_KINDS if test else TRAIN_KINDS
     kind = kinds[index % len(kinds)]
     rng = random.Random(f"context/{seed}/{split}/{index}")
     example = {"kind": kind, "segments": None, "messages": None, "scenes": []}
     if kind in STORY_KINDS + TEST_ONLY_KINDS:
-        example["segments"], example["final"] = _story(rng, kind, test)
+        example["segments"], example["final"] = _story(rng, kind, pool)
     elif kind == "dialogue":
-        example["messages"], example["final"], example["scenes"] = _dialogue(rng, test)
+        example["messages"], example["final"], example["scenes"] = _dialogue(rng, pool)
     else:
-        example["segments"], example["final"], example["scenes"] = _image_kind(rng, kind, test)
+        example["segments"], example["final"], example["scenes"] = _image_kind(rng, kind, pool)
     background = example["scenes"][0].background if example["scenes"] else rng.choice(BACKGROUND_NAMES)
     example["target_scene"] = Scene(background, (example["final"],))
     return example
@@ -287,7 +312,8 @@ def to_row(example: dict, chat_template_tokenizer=None) -> dict:
     return row
 
 
-def generate_context_dataset(n: int, split: str = "train", seed: int = 0, chat_template_tokenizer=None, start: int = 0):
+def generate_context_dataset(n: int, split: str = "train", seed: int = 0, chat_template_tokenizer=None, start: int = 0,
+                             phrasing: str = "base"):
     """`n` examples of a split as a `datasets.Dataset` (the interleaved schema + labels)."""
     import datasets
 
@@ -296,9 +322,9 @@ def generate_context_dataset(n: int, split: str = "train", seed: int = 0, chat_t
     features = interleaved_features()
     for name in ("kind", "shape", "colour", "size", "position", "context_text", "captioned_text"):
         features[name] = datasets.Value("string")
-    rows = [to_row(sample_context_example(seed, split, start + i), chat_template_tokenizer) for i in range(n)]
+    rows = [to_row(sample_context_example(seed, split, start + i, phrasing), chat_template_tokenizer) for i in range(n)]
     return datasets.Dataset.from_list(rows, features=features)
 
 
-__all__ = ["IMAGE_KINDS", "SPLITS", "STORY_KINDS", "TEST_KINDS", "TEST_ONLY_KINDS", "TRAIN_KINDS", "exact_caption",
+__all__ = ["IMAGE_KINDS", "PHRASINGS", "SPLITS", "STORY_KINDS", "TEST_KINDS", "TEST_ONLY_KINDS", "TRAIN_KINDS", "exact_caption",
            "generate_context_dataset", "sample_context_example", "story_frames", "to_row"]

@@ -147,15 +147,20 @@ def prepare(num_train: int = DEFAULT_NUM_TRAIN, num_eval: int = DEFAULT_NUM_EVAL
 CONTEXT_NUM_TRAIN, CONTEXT_NUM_EVAL, CONTEXT_NUM_TEST = 20000, 400, 1300
 
 
-def context_data_dir(num_train: int = CONTEXT_NUM_TRAIN, num_eval: int = CONTEXT_NUM_EVAL, seed: int = 0) -> Path:
-    return work_dir() / "data" / f"context_t{num_train}_v{num_eval}_s{seed}"
+def _phrasing_suffix(phrasing: str) -> str:
+    return "" if phrasing == "base" else f"_{phrasing}"  # "base" keeps the folder names data was first saved under
+
+
+def context_data_dir(num_train: int = CONTEXT_NUM_TRAIN, num_eval: int = CONTEXT_NUM_EVAL, seed: int = 0,
+                     phrasing: str = "base") -> Path:
+    return work_dir() / "data" / f"context_t{num_train}_v{num_eval}_s{seed}{_phrasing_suffix(phrasing)}"
 
 
 def prepare_context(num_train: int = CONTEXT_NUM_TRAIN, num_eval: int = CONTEXT_NUM_EVAL, seed: int = 0,
-                    force: bool = False) -> str:
-    """The world's context-dependent examples (`world.context`: train and validation splits) with
-    the generation targets of their target captions (`gill-hf precompute-targets`), saved as a
-    `DatasetDict` folder for `gill-hf train --interleaved_dataset_name`."""
+                    force: bool = False, phrasing: str = "base") -> str:
+    """The world's context-dependent examples (`world.context`: train and validation splits, in the
+    `phrasing` pool) with the generation targets of their target captions (`gill-hf
+    precompute-targets`), saved as a `DatasetDict` folder for `gill-hf train --interleaved_dataset_name`."""
     import datasets
     from transformers import AutoTokenizer
 
@@ -164,18 +169,18 @@ def prepare_context(num_train: int = CONTEXT_NUM_TRAIN, num_eval: int = CONTEXT_
     from ..embedded import SMOLLM2
     from .context import generate_context_dataset
 
-    final = context_data_dir(num_train, num_eval, seed)
+    final = context_data_dir(num_train, num_eval, seed, phrasing)
     if not force and (final / "dataset_dict.json").is_file():
         return str(final)
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(SMOLLM2)[0])  # dialogues use the LM's chat template
     splits = {}
     for split, n in (("train", num_train), ("validation", num_eval)):
-        raw = work_dir() / "data" / f"context_raw_{split}_n{n}_s{seed}"
-        print(f"[gill-tiny] generating {n} context examples ({split}) -> {raw}", flush=True)
-        generate_context_dataset(n, split, seed, chat_template_tokenizer=tokenizer).save_to_disk(str(raw))
-        with_targets = work_dir() / "data" / f"context_targets_{split}_n{n}_s{seed}"
+        raw = work_dir() / "data" / f"context_raw_{split}_n{n}_s{seed}{_phrasing_suffix(phrasing)}"
+        print(f"[gill-tiny] generating {n} context examples ({split}, {phrasing} phrasings) -> {raw}", flush=True)
+        generate_context_dataset(n, split, seed, chat_template_tokenizer=tokenizer, phrasing=phrasing).save_to_disk(str(raw))
+        with_targets = work_dir() / "data" / f"context_targets_{split}_n{n}_s{seed}{_phrasing_suffix(phrasing)}"
         splits[split] = precompute_targets(with_targets, str(sd_view_dir()), dataset_name=str(raw))
-    datasets.DatasetDict({k: datasets.load_from_disk(str(work_dir() / "data" / f"context_targets_{k}_n{n}_s{seed}"))
+    datasets.DatasetDict({k: datasets.load_from_disk(str(work_dir() / "data" / f"context_targets_{k}_n{n}_s{seed}{_phrasing_suffix(phrasing)}"))
                           for k, n in (("train", num_train), ("validation", num_eval))}).save_to_disk(str(final))
     return str(final)
 
@@ -187,7 +192,7 @@ def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = D
                num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, batch_size: int = 16, save_steps: int = 50,
                eval_steps: int = 100, backbone_dtype: str = "bfloat16", init: str | None = None,
                context_ratio: float = 0.0, lora_r: int = 0, learning_rate: float | None = None,
-               context_kind_weights: str | None = None) -> list[str]:
+               context_kind_weights: str | None = None, context_phrasing: str = "base") -> list[str]:
     """The `gill-hf train` arguments of the GILL-tiny run: the reference's hyper-parameters (AdamW
     1e-3, betas 0.9/0.95, weight decay 0.01, clipping 1.0, [IMG] row renormalisation) except the
     warmup (5% of the run), a cosine decay instead of the 10k-step StepLR, and no two-caption
@@ -196,7 +201,8 @@ def train_argv(max_steps: int, output_dir: str | None = None, num_train: int = D
     output_dir = output_dir or str(work / "run")
     # With context rows, every caption row is used once per epoch and interleaved rows fill `context_ratio`.
     caption_rows = round(max_steps * batch_size * (1 - context_ratio))
-    context = (["--interleaved_dataset_name", context_data_dir(seed=seed).as_posix(), "--interleaved_ratio", str(context_ratio)]
+    context = (["--interleaved_dataset_name", context_data_dir(seed=seed, phrasing=context_phrasing).as_posix(),
+                "--interleaved_ratio", str(context_ratio)]
                if context_ratio > 0 else ["--cache_image_features"])  # raw images when mixed (the world's CLIP is cheap)
     if context_kind_weights:
         if context_ratio <= 0:
@@ -245,14 +251,14 @@ def retrieval_argv(checkpoint: str | os.PathLike, output_dir: str | None = None,
 
 def generation_argv(checkpoint: str | os.PathLike, output_dir: str | None = None, num_train: int = DEFAULT_NUM_TRAIN,
                     num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0, steps: int = 2000, max_captions: int = 8000,
-                    max_context: int = 8000) -> list[str]:
+                    max_context: int = 8000, context_phrasing: str = "base") -> list[str]:
     """The `gill-hf train-generation` arguments: GILL-tiny's mapper refit on the frozen `[IMG]` states of
     the first `max_captions` caption rows and `max_context` context rows (fp32 backbones, as at inference)."""
     return [
         "--model_name_or_path", str(checkpoint),
         "--dataset_name", str(data_dir(num_train, num_eval, seed)), "--eval_split", "validation",
         "--max_train_samples", str(max_captions),
-        "--interleaved_dataset_name", str(context_data_dir(seed=seed)), "--interleaved_eval_split", "validation",
+        "--interleaved_dataset_name", str(context_data_dir(seed=seed, phrasing=context_phrasing)), "--interleaved_eval_split", "validation",
         "--max_interleaved_samples", str(max_context),
         "--output_dir", output_dir or str(work_dir() / "generation"),
         "--steps", str(steps), "--seed", str(seed),

@@ -12,6 +12,7 @@ from pathlib import Path
 from .gill_tiny import (DECISION_PROMPTS, DECISION_TRAIN, DEFAULT_NUM_EVAL, DEFAULT_NUM_TRAIN, GILL_TINY_DIR, export,
                         generation_argv, prepare, prepare_context, retrieval_argv, ship, train_argv, train_decision,
                         work_dir)
+from .context import PHRASINGS
 
 
 def run_registered_command(register, argv: list[str]):
@@ -30,7 +31,7 @@ def _cmd_prepare(ns) -> None:
 def _train_argv_of(ns) -> list[str]:
     return train_argv(ns.max_steps, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.batch_size, ns.save_steps,
                       ns.eval_steps, ns.backbone_dtype, ns.init, ns.context_ratio, ns.lora_r, ns.learning_rate,
-                      ns.context_kind_weights)
+                      ns.context_kind_weights, ns.context_phrasing)
 
 
 def _cmd_command(ns) -> None:
@@ -47,7 +48,7 @@ def _cmd_train(ns) -> None:
         torch.set_num_threads(ns.threads)
     prepare(ns.num_train, ns.num_eval, ns.seed)
     if ns.context_ratio > 0:
-        prepare_context(seed=ns.seed)
+        prepare_context(seed=ns.seed, phrasing=ns.context_phrasing)
     argv = _train_argv_of(ns)
     if ns.resume_from_checkpoint:
         argv += ["--resume_from_checkpoint", ns.resume_from_checkpoint]
@@ -76,7 +77,8 @@ def _cmd_generation(ns) -> None:
     from ..generation_training import register_generation_command
 
     _run_package_command(ns, register_generation_command, "train-generation", generation_argv(
-        ns.checkpoint, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.steps, ns.max_captions, ns.max_context))
+        ns.checkpoint, ns.output_dir, ns.num_train, ns.num_eval, ns.seed, ns.steps, ns.max_captions, ns.max_context,
+        ns.context_phrasing))
 
 
 def _cmd_decision(ns) -> None:
@@ -100,6 +102,12 @@ def _cmd_ship(ns) -> None:
 
 def _cmd_export(ns) -> None:
     print(export(ns.checkpoint, ns.output_dir))
+
+
+def context_phrasing_argument(p) -> None:
+    p.add_argument("--context-phrasing", default="base", choices=PHRASINGS,
+                   help="Training phrasings of the context rows: `base`, or `wide` (more ways to say each image "
+                        "instruction, world.context.WIDE_PHRASES; its data folder has a `_wide` suffix).")
 
 
 def register(subparsers) -> None:
@@ -134,6 +142,7 @@ def register(subparsers) -> None:
         p.add_argument("--context-kind-weights", default=None,
                        help="`kind=weight,...`: draw the context rows of a kind `weight` times as often (e.g. "
                             "`combine=3,edit-colour=2`; kinds not named weigh 1).")
+        context_phrasing_argument(p)
         p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the LM (0: frozen LM, the reference).")
         p.add_argument("--learning-rate", type=float, default=None, help="Peak learning rate (default: the reference's 1e-3).")
         p.set_defaults(func=func)
@@ -155,6 +164,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--max-captions", type=int, default=8000, help="Caption rows whose states are computed.")
     p.add_argument("--max-context", type=int, default=8000, help="Context rows whose states are computed.")
+    context_phrasing_argument(p)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_generation)
     p = sub.add_parser("decision", help="Both decision heads (gill-hf train-decision) on world prompts labelled by "

@@ -31,7 +31,7 @@ def export_world_vist(folder: str | Path, num_stories: int = 200, split: str = "
         rng = random.Random(f"world-vist/{seed}/{split}/{story}")
         album_id = f"{seed}{story:06d}"
         albums.append({"id": album_id, "title": f"world story {story}", "description": "", "photos": "5"})
-        for order, (sentence, obj) in enumerate(story_frames(rng, 5, test=True)):
+        for order, (sentence, obj) in enumerate(story_frames(rng, 5, pool="test")):
             photo_id = f"{seed}{story:06d}{order}"
             render_scene(Scene(rng.choice(BACKGROUND_NAMES), (obj,))).save(image_dir / f"{photo_id}.png")
             images.append({"id": photo_id, "album_id": album_id, "title": "", "tags": "", "url_o": "",
