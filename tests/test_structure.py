@@ -1,8 +1,11 @@
 """The package's import structure: dependencies point one way, the CLI sits on
 top and nothing imports it, the embedded registry knows nothing of the world, no import cycles.
-Every import counts, including those inside functions. Budget: < 1 s."""
+Every import counts, including those inside functions. No module reads a global name it never
+defines (a helper moved to another module fails here, not hours into a recipe). Budget: < 1 s."""
 
 import ast
+import builtins
+import symtable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,3 +91,27 @@ def test_no_import_cycles():
     # A package's __init__ re-exporting its submodules is not a cycle of behaviour.
     cycles = [c for c in cycles if not any(c[i + 1].startswith(c[i] + ".") for i in range(len(c) - 1))]
     assert cycles == []
+
+
+def _undefined_globals(path: Path) -> set[str]:
+    """Names a module reads as globals (at module level or from a function / class body) that it
+    never binds: no assignment, import, def or class of that name, and not a builtin."""
+    top = symtable.symtable(path.read_text(), str(path), "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    bound |= set(dir(builtins)) | {"__file__", "__name__", "__doc__", "__spec__", "__path__", "__package__"}
+    missing, tables = set(), [top]
+    while tables:
+        table = tables.pop()
+        missing |= {s.get_name() for s in table.get_symbols()
+                    if (table is top or s.is_global()) and s.is_referenced() and s.get_name() not in bound}
+        tables += table.get_children()
+    return missing
+
+
+def test_no_module_reads_an_undefined_global(tmp_path):
+    undefined = {name: missing for name, path in _modules().items() if (missing := _undefined_globals(path))}
+    assert not undefined, undefined
+    # The check sees a name read inside a function only (what a moved helper leaves behind).
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\n\ndef f():\n    return os.sep + moved_helper()\n")
+    assert _undefined_globals(probe) == {"moved_helper"}

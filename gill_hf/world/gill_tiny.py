@@ -396,6 +396,17 @@ def decision_prompts(n: int, seed: int = 0, index_dataset=None) -> list[tuple[st
     return out
 
 
+def run_registered_command(register, argv: list[str]):
+    """Runs a package command from the function that registers it (its own argument definitions),
+    as `gill-hf` would, without going through the CLI module."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="gill-hf")
+    register(parser.add_subparsers(dest="command", required=True))
+    namespace = parser.parse_args(argv)
+    return namespace.func(namespace)
+
+
 def train_decision(model_dir: str | os.PathLike, output_dir: str | os.PathLike, num_prompts: int = DECISION_PROMPTS,
                    num_train: int = DECISION_TRAIN, seed: int = 0) -> dict:
     """Both decision heads with `gill-hf train-decision` on world prompts labelled by whether the

@@ -10,18 +10,9 @@ import sys
 from pathlib import Path
 
 from .gill_tiny import (DECISION_PROMPTS, DECISION_TRAIN, DEFAULT_NUM_EVAL, DEFAULT_NUM_TRAIN, GILL_TINY_DIR, export,
-                        generation_argv, prepare, prepare_context, retrieval_argv, ship, train_argv, train_decision,
-                        work_dir)
+                        generation_argv, prepare, prepare_context, retrieval_argv, run_registered_command, ship, train_argv,
+                        train_decision, work_dir)
 from .context import PHRASINGS
-
-
-def run_registered_command(register, argv: list[str]):
-    """Runs a package command from the function that registers it (its own argument definitions),
-    as `gill-hf` would, without going through the CLI module."""
-    parser = argparse.ArgumentParser(prog="gill-hf")
-    register(parser.add_subparsers(dest="command", required=True))
-    namespace = parser.parse_args(argv)
-    return namespace.func(namespace)
 
 
 def _cmd_prepare(ns) -> None:
