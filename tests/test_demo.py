@@ -41,18 +41,19 @@ def test_report_writer_holds_every_section(tmp_path):
 
 
 # Judged hits at these reduced settings (DEMO_STEPS DDIM steps, DEMO_EXAMPLES examples; the combine and dialogue
-# sections draw 2, the decision section 8), measured on the committed GILL-tiny v3 + world SD: text -> image
-# shape/colour/size/position 4/4/4/4; captions colour 4, shape 4; story 4/4/4/4; image edit 3/4/3/4; combine
-# 2/2/2/2 of 2; dialogue 1/2/2/2 of 2 (shape not asserted: v2 drew 0 of 2); decision 7 of 8. Thresholds leave
-# one miss of margin (two for text -> image shape, three for the decision).
+# sections draw 2, the decision section 8), measured on the committed GILL-tiny v4 + world SD: text -> image
+# shape/colour/size/position 4/4/4/4; captions colour 4, shape 4; story 4/4/4/4; image edit 3/4/4/4; combine
+# 2/2/2/2 of 2; dialogue 1/2/2/2 of 2 (shape not asserted: v2 drew 0 of 2); decision 5 of 8 (v3: 7 of 8; on
+# eval-world's 400 decisions v4 0.848, v3 0.837). Thresholds leave one miss of margin (two for text -> image
+# shape and the decision).
 DEMO_STEPS, DEMO_EXAMPLES = 10, 4
 DEMO_JUDGED_MIN = {"text-to-image": {"colour": 3, "shape": 2, "size": 3, "position": 3},
                    "image-to-text": {"colour": 3, "shape": 3},
                    "story": {"shape": 3, "colour": 3, "size": 3, "position": 3},
-                   "image-edit": {"shape": 2, "colour": 3, "size": 2, "position": 3},
+                   "image-edit": {"shape": 2, "colour": 3, "size": 3, "position": 3},
                    "combine": {"shape": 1, "colour": 1, "size": 1, "position": 1},
                    "dialogue": {"colour": 1, "size": 1, "position": 1},
-                   "retrieve-or-generate": {"decision": 4}}
+                   "retrieve-or-generate": {"decision": 3}}
 
 
 @pytest.mark.skipif(bool(MISSING), reason=f"the committed GILL-tiny adapter / world SD do not exist yet: {MISSING}")
