@@ -166,7 +166,8 @@ CHANGE_KINDS = {"colour": "recolour", "size": "resize", "position": "move", "sha
 def story_frames(rng: random.Random, num_frames: int = 5, pool: str = "base") -> list[tuple[str, WorldObject]]:
     """A story of `num_frames` sentences, each with the object it leaves: the first introduces an
     object, each next changes one attribute of "it" (never the one changed just before). Every
-    frame after the first is ambiguous alone; the whole story fixes it."""
+    frame after the first is ambiguous alone; the whole story fixes it. `pool` picks the phrasings:
+    "base" or "wide" (training) or "test"."""
     obj = _object(rng)
     frames = [(_phrase(rng, "intro", pool, **_words(rng, obj)), obj)]
     last = None
