@@ -93,16 +93,17 @@ def test_generation_refit_command_parses_with_gill_hf_train_generation(tmp_path,
     assert namespace.output_dir == str(gill_tiny.work_dir() / "generation")
 
 
-def test_wide_phrasing_trains_and_refits_on_its_own_context_folder(tmp_path, monkeypatch):
-    """`--context-phrasing wide` data lives beside the base data (never overwrites it); train and
-    train-generation both read it; the base folder keeps the name data was first saved under."""
+@pytest.mark.parametrize("phrasing", ["wide", "composed"])
+def test_each_phrasing_pool_trains_and_refits_on_its_own_context_folder(tmp_path, monkeypatch, phrasing):
+    """`--context-phrasing wide|composed` data lives beside the base data (never overwrites it); train
+    and train-generation both read it; the base folder keeps the name data was first saved under."""
     monkeypatch.setenv("GILL_HF_WORLD_CACHE", str(tmp_path))
-    base, wide = gill_tiny.context_data_dir(), gill_tiny.context_data_dir(phrasing="wide")
-    assert base.name == "context_t20000_v400_s0" and wide.name == "context_t20000_v400_s0_wide"
-    train = gill_tiny.train_argv(max_steps=10, context_ratio=0.5, context_phrasing="wide")
-    assert train[train.index("--interleaved_dataset_name") + 1] == wide.as_posix()
-    refit = gill_tiny.generation_argv(tmp_path / "refit", context_phrasing="wide")
-    assert refit[refit.index("--interleaved_dataset_name") + 1] == str(wide)
+    base, pool = gill_tiny.context_data_dir(), gill_tiny.context_data_dir(phrasing=phrasing)
+    assert base.name == "context_t20000_v400_s0" and pool.name == f"context_t20000_v400_s0_{phrasing}"
+    train = gill_tiny.train_argv(max_steps=10, context_ratio=0.5, context_phrasing=phrasing)
+    assert train[train.index("--interleaved_dataset_name") + 1] == pool.as_posix()
+    refit = gill_tiny.generation_argv(tmp_path / "refit", context_phrasing=phrasing)
+    assert refit[refit.index("--interleaved_dataset_name") + 1] == str(pool)
 
 
 def test_ship_refuses_a_refit_of_another_checkpoint(tmp_path):

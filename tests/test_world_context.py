@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from gill_hf.world.context import (PHRASES, SPLITS, TEST_ONLY_KINDS, TRAIN_KINDS, WIDE_PHRASES, generate_context_dataset,
-                                   sample_context_example, to_row)
+from gill_hf.world.context import (COMPOSED_PHRASES, DIALOGUE_EDITS, IMAGE_KINDS, PHRASES, SPLITS, TEST_ONLY_KINDS,
+                                   TRAIN_KINDS, WIDE_PHRASES, generate_context_dataset, sample_context_example,
+                                   template_pattern, to_row)
 from gill_hf.world.render import HELDOUT_PAIRS
 
 
@@ -32,17 +33,12 @@ def test_same_seed_same_examples_and_other_seeds_differ():
         sample_context_example(0, "heldout", 0)
 
 
-def _pattern(template: str) -> re.Pattern:
-    """A phrasing template as a regex: its literal parts, any text in its slots."""
-    return re.compile(".+?".join(re.escape(part) for part in re.split(r"\{[^}]+\}", template)), re.IGNORECASE)
-
-
 def test_test_phrasings_and_the_test_only_kind_never_occur_in_training():
     training = _rows("train", 260) + _rows("validation", 130)
     assert {r["kind"] for r in training} == set(TRAIN_KINDS)
     test = _rows("context_test", 140)
     assert set(TEST_ONLY_KINDS) <= {r["kind"] for r in test}
-    test_patterns = [_pattern(t) for key, (_, tests) in PHRASES.items() for t in tests]
+    test_patterns = [template_pattern(t) for key, (_, tests) in PHRASES.items() for t in tests]
     for row in training:
         for pattern in test_patterns:
             assert not pattern.search(row["context_text"]), (pattern.pattern, row["context_text"])
@@ -53,8 +49,8 @@ def test_test_phrasings_and_the_test_only_kind_never_occur_in_training():
 def test_the_wide_pool_adds_training_phrasings_only():
     """`phrasing="wide"`: train / validation instructions also come from WIDE_PHRASES, never a test
     phrasing; `context_test` is the same either way; the base pool never says a wide phrasing."""
-    test_patterns = [_pattern(t) for _, tests in PHRASES.values() for t in tests]
-    wide_patterns = [_pattern(t) for phrasings in WIDE_PHRASES.values() for t in phrasings]
+    test_patterns = [template_pattern(t) for _, tests in PHRASES.values() for t in tests]
+    wide_patterns = [template_pattern(t) for phrasings in WIDE_PHRASES.values() for t in phrasings]
     assert not set(t for p in WIDE_PHRASES.values() for t in p) & set(t for p in PHRASES.values() for pool in p for t in pool)
     wide = _rows("train", 200, phrasing="wide") + _rows("validation", 100, phrasing="wide")
     assert not any(p.search(r["context_text"]) for r in wide for p in test_patterns)
@@ -64,6 +60,29 @@ def test_the_wide_pool_adds_training_phrasings_only():
     assert _rows("context_test", 40, phrasing="wide") == _rows("context_test", 40)
     with pytest.raises(ValueError, match="unknown phrasing 'broad'"):
         sample_context_example(0, "train", 0, "broad")
+
+
+def test_the_composed_pool_says_each_edit_hundreds_of_ways_none_a_test_phrasing():
+    """`phrasing="composed"`: half of the edit instructions come from COMPOSED_PHRASES (opener x
+    instruction x ending), from which every saying a test phrasing's pattern finds is dropped; the
+    other kinds' rows are those of the wide pool, and `context_test` is unchanged."""
+    test_patterns = [template_pattern(t) for _, tests in PHRASES.values() for t in tests]
+    test_patterns += [template_pattern(t) for t in DIALOGUE_EDITS[1].values()]
+    assert set(COMPOSED_PHRASES) <= set(IMAGE_KINDS)
+    for sayings in COMPOSED_PHRASES.values():
+        assert len(set(sayings)) >= 400 and not any(p.search(s) for s in sayings for p in test_patterns)
+    # Composable from the parts, but a test phrasing (and so is any longer saying that contains it): dropped.
+    assert not any(s.startswith("Turn it into") for s in COMPOSED_PHRASES["edit-shape"])
+    assert "Now draw it {size} instead." not in COMPOSED_PHRASES["edit-size"]
+    composed, wide = _rows("train", 300, phrasing="composed"), _rows("train", 300, phrasing="wide")
+    assert not any(p.search(r["context_text"]) for r in composed for p in test_patterns)
+    assert all(c == w for c, w in zip(composed, wide) if c["kind"] not in COMPOSED_PHRASES)
+    edits = [r for r in composed if r["kind"] in COMPOSED_PHRASES]
+    wide_sayings = {kind: [re.compile(template_pattern(t).pattern + "$", re.IGNORECASE) for t in PHRASES[kind][0] + WIDE_PHRASES[kind]]
+                    for kind in COMPOSED_PHRASES}
+    new = [r for r in edits if not any(p.match(r["context_text"]) for p in wide_sayings[r["kind"]])]
+    assert 0.3 < len(new) / len(edits) < 0.7  # drawn half the time (a few composed sayings are also wide ones)
+    assert _rows("context_test", 40, phrasing="composed") == _rows("context_test", 40)
 
 
 @pytest.mark.parametrize("split", SPLITS)

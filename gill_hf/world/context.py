@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from dataclasses import replace
 
 from .render import (COLOUR_NAMES, CORNERS, HELDOUT_PAIRS, POSITION_PHRASES, POSITIONS, SHAPES, SIZE_WORDS, SIZES,
@@ -94,12 +95,50 @@ WIDE_PHRASES = {
                 "Take the shape from the first image and the colour from the second.",
                 "Recolour the first one with the colour of the second."),
 }
-PHRASINGS = ("base", "wide")  # training pools: PHRASES' training phrasings, or those plus WIDE_PHRASES
 DIALOGUE_EDITS = (  # per edited attribute: (training phrasing, test phrasing)
     {"colour": "Now make it {colour}.", "size": "Make it {comparative}.", "position": "Now move it {move}."},
     {"colour": "Can you change its colour to {colour}?", "size": "Could you make it {comparative}?",
      "position": "Could you move it {move}?"},
 )
+# The "composed" pool: each image edit also said as opener + instruction + ending (hundreds of ways;
+# drawn half the time, the "wide" pool otherwise). With two, then ten phrasings an edit, the mapper's
+# output still confused the input's shape with another under a new phrasing (eval-world's kept shape).
+_OPENERS = ("", "Now ", "Okay, ", "Next, ", "Please ", "This time, ", "Alright, ", "Then ")
+_ENDINGS = (".", " instead.", " this time.", ", please.", " and leave the rest.", ", nothing else.")
+_INSTRUCTIONS = {
+    "edit-colour": ("make it {colour}", "paint it {colour}", "colour it {colour}", "turn it {colour}", "draw it in {colour}",
+                    "render it in {colour}", "give it a {colour} colour", "change its colour to {colour}",
+                    "recolour it {colour}", "let it be {colour}", "use {colour} for it", "switch the colour to {colour}"),
+    "edit-shape": ("make it {a_shape}", "turn it into {a_shape}", "draw {a_shape} in its place", "change it into {a_shape}",
+                   "reshape it into {a_shape}", "swap the shape for {a_shape}", "let it be {a_shape}",
+                   "give it the shape of {a_shape}", "redraw it as {a_shape}", "render it as {a_shape}"),
+    "edit-size": ("make it {comparative}", "draw it {size}", "render it {size}", "make it {size}", "scale it to {size}",
+                  "resize it to {size}", "let it be {size}", "give me a {comparative} one", "redraw it {comparative}",
+                  "change its size to {size}"),
+    "edit-position": ("move it {move}", "put it {pos}", "place it {pos}", "drag it {move}", "slide it {move}",
+                      "shift it {move}", "draw it {pos}", "render it {pos}", "let it sit {pos}", "redraw it {pos}"),
+}
+
+
+def template_pattern(template: str) -> re.Pattern:
+    """A phrasing template as a regex that finds its sayings: its literal parts, any text in its slots."""
+    return re.compile(".+?".join(re.escape(part) for part in re.split(r"\{[^}]+\}", template)), re.IGNORECASE)
+
+
+def _composed_phrases() -> dict[str, tuple[str, ...]]:
+    """Every opener x instruction x ending, minus those a test phrasing's pattern finds in."""
+    tests = [template_pattern(t) for _, phrasings in PHRASES.values() for t in phrasings]
+    tests += [template_pattern(t) for t in DIALOGUE_EDITS[1].values()]
+    composed = {}
+    for key, instructions in _INSTRUCTIONS.items():
+        sayings = (opener + instruction + ending for opener in _OPENERS for instruction in instructions
+                   for ending in _ENDINGS if not (opener == "Please " and ending == ", please."))
+        composed[key] = tuple(s[0].upper() + s[1:] for s in sayings if not any(t.search(s) for t in tests))
+    return composed
+
+
+COMPOSED_PHRASES = _composed_phrases()
+PHRASINGS = ("base", "wide", "composed")  # training pools: PHRASES' training phrasings, plus WIDE_PHRASES, plus COMPOSED_PHRASES
 
 
 def _article(phrase: str) -> str:
@@ -147,8 +186,11 @@ def _words(rng: random.Random, o: WorldObject, before: WorldObject | None = None
 
 
 def _phrase(rng: random.Random, key: str, pool: str, **slots) -> str:
-    """A phrasing of `key` from `pool`: "test", "base" (training) or "wide" (training + WIDE_PHRASES)."""
-    choices = PHRASES[key][1] if pool == "test" else PHRASES[key][0] + (WIDE_PHRASES.get(key, ()) if pool == "wide" else ())
+    """A phrasing of `key` from `pool`: "test", "base" (training), "wide" (training + WIDE_PHRASES) or
+    "composed" (half the time COMPOSED_PHRASES where `key` has them, else as "wide")."""
+    if pool == "composed" and key in COMPOSED_PHRASES and rng.random() < 0.5:
+        return rng.choice(COMPOSED_PHRASES[key]).format(**slots)
+    choices = PHRASES[key][1] if pool == "test" else PHRASES[key][0] + (WIDE_PHRASES.get(key, ()) if pool != "base" else ())
     return rng.choice(choices).format(**slots)
 
 
@@ -167,7 +209,7 @@ def story_frames(rng: random.Random, num_frames: int = 5, pool: str = "base") ->
     """A story of `num_frames` sentences, each with the object it leaves: the first introduces an
     object, each next changes one attribute of "it" (never the one changed just before). Every
     frame after the first is ambiguous alone; the whole story fixes it. `pool` picks the phrasings:
-    "base" or "wide" (training) or "test"."""
+    "base", "wide" or "composed" (training) or "test"."""
     obj = _object(rng)
     frames = [(_phrase(rng, "intro", pool, **_words(rng, obj)), obj)]
     last = None
@@ -258,8 +300,8 @@ def _dialogue(rng: random.Random, pool: str) -> tuple[list, WorldObject, list[Sc
 def sample_context_example(seed: int, split: str, index: int, phrasing: str = "base") -> dict:
     """One example as plain Python: `kind`, `segments` (`("text", str)` / `("image", Scene)`, or
     for dialogues `messages`), `final` (the target object) and `scenes` (the input images).
-    `phrasing` picks the training pool of `train` / `validation` ("base" or "wide", see
-    `WIDE_PHRASES`); `context_test` always uses the test phrasings."""
+    `phrasing` picks the training pool of `train` / `validation` ("base", "wide" or "composed", see
+    `WIDE_PHRASES` and `COMPOSED_PHRASES`); `context_test` always uses the test phrasings."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if phrasing not in PHRASINGS:
@@ -327,5 +369,5 @@ def generate_context_dataset(n: int, split: str = "train", seed: int = 0, chat_t
     return datasets.Dataset.from_list(rows, features=features)
 
 
-__all__ = ["IMAGE_KINDS", "PHRASINGS", "SPLITS", "STORY_KINDS", "TEST_KINDS", "TEST_ONLY_KINDS", "TRAIN_KINDS", "exact_caption",
-           "generate_context_dataset", "sample_context_example", "story_frames", "to_row"]
+__all__ = ["COMPOSED_PHRASES", "IMAGE_KINDS", "PHRASINGS", "SPLITS", "STORY_KINDS", "TEST_KINDS", "TEST_ONLY_KINDS", "TRAIN_KINDS", "exact_caption",
+           "generate_context_dataset", "sample_context_example", "story_frames", "template_pattern", "to_row"]

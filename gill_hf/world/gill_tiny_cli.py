@@ -97,8 +97,10 @@ def _cmd_export(ns) -> None:
 
 def context_phrasing_argument(p) -> None:
     p.add_argument("--context-phrasing", default="base", choices=PHRASINGS,
-                   help="Training phrasings of the context rows: `base`, or `wide` (more ways to say each image "
-                        "instruction, world.context.WIDE_PHRASES; its data folder has a `_wide` suffix).")
+                   help="Training phrasings of the context rows: `base`; `wide` (more ways to say each image "
+                        "instruction, world.context.WIDE_PHRASES); or `composed` (also hundreds of composed sayings of "
+                        "each image edit, world.context.COMPOSED_PHRASES). Each pool's data folder has its own suffix "
+                        "(`_wide`, `_composed`).")
 
 
 def register(subparsers) -> None:
