@@ -54,9 +54,15 @@ def _truth(row: dict) -> dict:
     return {attr: row[attr] for attr in ("shape", "colour", "size", "position")}
 
 
-def context_rows(pipe, sd, judge, args, seed: int, groups: set[str], gill_images, sd_images) -> dict:
+def _prompt_text(row: dict) -> str:
+    return " ".join(s["text"] if s["type"] == "text" else "<image>" for s in row["segments"])
+
+
+def context_rows(pipe, sd, judge, args, seed: int, groups: set[str], gill_images, sd_images, cases_out: list | None = None) -> dict:
     """The table rows of the `stories` and `image+text` groups (see the module docstring).
-    `gill_images(pipe, prompts, args, seed)` and `sd_images(sd, texts, args, seed)` draw images."""
+    `gill_images(pipe, prompts, args, seed)` and `sd_images(sd, texts, args, seed)` draw images.
+    `cases_out`, when given, receives one dict per case and drawer: kind, index, drawer, prompt
+    (images as `<image>`), the text the drawer was given (references), truth and the judge's reading."""
     kinds = (STORY_GROUP if "stories" in groups else ()) + (IMAGE_GROUP if "image+text" in groups else ())
     cases = context_cases(kinds, args.num, seed, pipe.processor.tokenizer)
     table: dict[str, dict] = {}
@@ -74,6 +80,11 @@ def context_rows(pipe, sd, judge, args, seed: int, groups: set[str], gill_images
         readings[kind] = {"GILL-tiny": gill, "truths": truths}
         for name, texts in references.items():
             readings[kind][name] = read_single_objects(judge, sd_images(sd, texts, args, seed + 100 * k))
+        if cases_out is not None:
+            for name in readings[kind].keys() - {"truths"}:
+                cases_out += [{"kind": kind, "index": i, "drawer": name, "prompt": _prompt_text(row),
+                               "text": references[name][i] if name in references else None, "truth": truth, "reading": reading}
+                              for i, (row, truth, reading) in enumerate(zip(rows, truths, readings[kind][name]))]
     if "stories" in groups:
         pooled = [kind for kind in STORY_KINDS]
         for name in ("GILL-tiny", "world SD (concatenated text)", "oracle (world SD, exact target caption)"):

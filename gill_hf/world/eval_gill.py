@@ -90,7 +90,10 @@ def evaluate_world(args) -> dict:
             table.update(_text_to_image_rows(pipe, sd, judge, args, seed))
             log("text -> image")
         if groups & {"stories", "image+text"}:
-            table.update(context_rows(pipe, sd, judge, args, seed + 6, groups, _gill_images, _sd_images))
+            cases = [] if args.cases_output else None
+            table.update(context_rows(pipe, sd, judge, args, seed + 6, groups, _gill_images, _sd_images, cases))
+            if cases is not None:
+                Path(args.cases_output).write_text("".join(json.dumps(case) + "\n" for case in cases))
             log("contextual generation (context_test)")
         if "image-to-text" in groups:
             table["image->text GILL-tiny"] = _caption_row(pipe, args, seed)
@@ -205,6 +208,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sd", default=None, help="World SD folder (default: the shipped one).")
     parser.add_argument("--hidden-head-model", default=None, help="A GILL-tiny folder holding the other decision head variant.")
     parser.add_argument("--output", default=None, help="Write the table as JSON here.")
+    parser.add_argument("--cases-output", default=None,
+                        help="Write every contextual case (stories, image+text) as JSON lines here: its prompt, the "
+                             "truth and each drawer's judged reading.")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--rows", nargs="+", choices=ROW_GROUPS, default=None,
                         help="Row groups to run (default: all), e.g. `--rows retrieval decision --num 200`.")
