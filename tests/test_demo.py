@@ -144,3 +144,7 @@ def test_eval_world_writes_every_contextual_case_with_its_reading(tmp_path):
     assert oracle["prompt"].startswith("<image> ") and oracle["truth"]["shape"] in oracle["text"]
     assert oracle["truth"]["colour"] in oracle["text"]
     assert all(c["text"] is None for c in cases if c["drawer"] == "GILL-tiny")
+    assert [(c["kind"], c["drawer"], c["index"]) for c in cases][:3] == [("edit-colour", "GILL-tiny", 0), ("edit-colour", "GILL-tiny", 1),
+                                                                     ("edit-colour", "world SD (concatenated text)", 0)]
+    with pytest.raises(ValueError, match="--cases-output"):
+        eval_gill.evaluate_world(parser.parse_args(["--rows", "retrieval", "--cases-output", str(tmp_path / "x.jsonl")]))

@@ -81,7 +81,7 @@ def context_rows(pipe, sd, judge, args, seed: int, groups: set[str], gill_images
         for name, texts in references.items():
             readings[kind][name] = read_single_objects(judge, sd_images(sd, texts, args, seed + 100 * k))
         if cases_out is not None:
-            for name in readings[kind].keys() - {"truths"}:
+            for name in ("GILL-tiny", *references):  # a fixed order: the lines are the same on every run
                 cases_out += [{"kind": kind, "index": i, "drawer": name, "prompt": _prompt_text(row),
                                "text": references[name][i] if name in references else None, "truth": truth, "reading": reading}
                               for i, (row, truth, reading) in enumerate(zip(rows, truths, readings[kind][name]))]

@@ -65,13 +65,15 @@ def evaluate_world(args) -> dict:
     from .gill_tiny import load_gill_tiny_pipeline
     from .judge import load_judge
 
+    groups = set(args.rows or ROW_GROUPS)
+    if args.cases_output and not groups & {"stories", "image+text"}:
+        raise ValueError("`--cases-output` writes the contextual cases: add `stories` or `image+text` to `--rows`.")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
     pipe = load_gill_tiny_pipeline(args.model, args.sd)
     pipe.set_progress_bar_config(disable=True)  # one bar over the batches instead of two per call
     dataset = pipe.retrieval_index.dataset
-    groups = set(args.rows or ROW_GROUPS)
     sd = judge = None
     if groups & {"text-to-image", "stories", "image+text"}:  # the rows that draw images to judge
         sd = StableDiffusionPipeline.from_pretrained(str(args.sd or Path(__file__).parent / "assets" / "sd"), dtype=torch.float32,
