@@ -9,7 +9,10 @@ first-token latency (the time of a 1-token run: the prefill plus one token), and
 equal the first row's (the pipeline's path today).
 
 Rows:
-  gill_decode          the pipeline's decoding (transformers `generate` + GILL's logits processors)
+  gill_decode, torch matmuls   the pipeline's decoding before numpy's BLAS (`numpy_blas=False`): the
+                       reference tokens every other row is compared with
+  gill_decode          the pipeline's decoding today (transformers `generate` + GILL's logits
+                       processors, CPU float32 matmuls through numpy's BLAS)
   generate             the bare LM's `generate` (DynamicCache)
   generate, static     `generate(cache_implementation="static")`
   loop, dynamic        a hand-written greedy loop over the LM's forward with a DynamicCache: no
@@ -17,10 +20,17 @@ Rows:
   loop, static         the same loop with a StaticCache
   loop, static, compiled   the same with `torch.compile` of the forward (opt-in; `--compile`); its
                        one-off compile time is reported as warm-up
-  bf16 rows            the same LM in bf16, against its own floor (half the bytes)
+  bf16 rows            the same LM in bf16, against its own floor (half the bytes); numpy has no
+                       bf16, so every bf16 row keeps torch's matmuls
+Every row after the first runs inside `numpy_blas_linears`, as the pipeline does. Two rates: tok/s
+over the whole call (the prefill included) and the decode rate, (n - 1) / (time of n tokens - time
+of 1 token), which leaves the prefill out (it is the first-token latency). The read bandwidth is
+measured before the first row and after every row; the floor uses the median of those readings (this
+machine's readings vary by up to 1.8x within minutes) and the range is printed.
 
-Then (`--profile`) a profile of cached loop steps (torch.profiler, operators by self CPU time) and
-(`--kernels`) the LM's matmuls alone in three weight layouts.
+Then (`--profile`) where a cached step's time goes: numpy's BLAS products (timed around each call),
+torch's operators (torch.profiler, by self CPU time) and the rest (Python), and (`--kernels`) the LM's
+matmuls alone in four forms.
 
     python benchmarks/bench_decoding.py --threads 2                      # idle machine
     python benchmarks/bench_decoding.py --threads 2 --compile --bf16 --profile --kernels
@@ -31,10 +41,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 
 import torch
 from bench_pipeline import prompt_ids, read_bandwidth, smollm2_gill, timed, weight_bytes
+
+from gill_hf.pipelines import cpu_blas_gill
+from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears
 
 PROMPT_TOKENS = 64
 
@@ -77,26 +91,33 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
                              vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=tokenizer.eos_token_id,
                              newline_token_id=None)
 
-    def pipeline(n):
-        # text only and no stop, as the other rows: [IMG0] masked for all n tokens
-        options = GillDecodingOptions(max_new_tokens=n, min_word_tokens=n)
-        return gill_decode(model, ids, mask, None, options, token_ids, [None])[0].token_ids
+    def pipeline(numpy_blas: bool):
+        def run(n):
+            # text only and no stop, as the other rows: [IMG0] masked for all n tokens
+            options = GillDecodingOptions(max_new_tokens=n, min_word_tokens=n, numpy_blas=numpy_blas)
+            return gill_decode(model, ids, mask, None, options, token_ids, [None])[0].token_ids
 
-    rows = {"gill_decode": pipeline, "generate": generate(), "generate, static": generate(cache_implementation="static"),
+        return run
+
+    def with_numpy_blas(run):
+        def wrapped(n):
+            with numpy_blas_linears(model):
+                return run(n)
+
+        return wrapped
+
+    rows = {"generate": generate(), "generate, static": generate(cache_implementation="static"),
             "loop, dynamic": loop(lambda n: DynamicCache(config=lm.config), plain_forward), "loop, static": loop(static, plain_forward)}
     if compile_step:
         rows["loop, static, compiled"] = loop(static, torch.compile(plain_forward, dynamic=False))
-    return rows
+    return {"gill_decode, torch matmuls": pipeline(False), "gill_decode": pipeline(True),
+            **{name: with_numpy_blas(run) for name, run in rows.items()}}
 
 
-def bench(dtype: torch.dtype, args, bandwidth: float) -> None:
+def bench(dtype: torch.dtype, args, bandwidths: list[float]) -> None:
     model, processor = smollm2_gill(dtype)
     lm, ids = model.language_model, prompt_ids(processor, PROMPT_TOKENS)
-    floor = bandwidth / weight_bytes(lm)
-    print(f"\n## SmolLM2-135M {str(dtype).replace('torch.', '')}: weights {weight_bytes(lm) / 2**20:.1f} MiB read per token, "
-          f"floor {floor:.1f} tokens/s")
-    print(f"{'path':<24} | {'tok/s':>6} | {'% floor':>7} | {'first token s':>13} | {'warm-up s':>9} | tokens")
-    reference = None
+    results, reference = [], None
     with torch.inference_mode():
         for name, run in decoders(model, processor.tokenizer, ids, args.compile).items():
             start = time.perf_counter()
@@ -105,33 +126,70 @@ def bench(dtype: torch.dtype, args, bandwidth: float) -> None:
             seconds, tokens = timed(lambda: run(args.new_tokens), args.repeat)
             first, _ = timed(lambda: run(1), args.repeat)
             reference = reference or tokens
-            verdict = "= gill_decode" if tokens == reference else f"differ from step {next(i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b)}"
-            rate = args.new_tokens / seconds
-            print(f"{name:<24} | {rate:>6.1f} | {rate / floor:>6.1%} | {first:>13.3f} | {warm_up:>9.1f} | {verdict}",
-                  flush=True)
+            verdict = "same" if tokens == reference else f"differ from step {next(i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b)}"
+            results.append((name, args.new_tokens / seconds, (args.new_tokens - 1) / (seconds - first), first, warm_up, verdict))
+            bandwidths.append(read_bandwidth(args.repeat))
+    bandwidth = statistics.median(bandwidths)
+    floor = bandwidth / weight_bytes(lm)
+    print(f"\n## SmolLM2-135M {str(dtype).replace('torch.', '')}: weights {weight_bytes(lm) / 2**20:.1f} MiB read per token; "
+          f"read bandwidth median {bandwidth / 1e9:.1f} GB/s of {len(bandwidths)} readings ({min(bandwidths) / 1e9:.1f}-"
+          f"{max(bandwidths) / 1e9:.1f}), floor {floor:.1f} tokens/s")
+    print(f"{'path':<26} | {'tok/s':>6} | {'% floor':>7} | {'decode tok/s':>12} | {'% floor':>7} | {'first token s':>13} | "
+          f"{'warm-up s':>9} | tokens vs the first row")
+    for name, rate, decode_rate, first, warm_up, verdict in results:
+        print(f"{name:<26} | {rate:>6.1f} | {rate / floor:>6.1%} | {decode_rate:>12.1f} | {decode_rate / floor:>6.1%} | "
+              f"{first:>13.3f} | {warm_up:>9.1f} | {verdict}")
     if args.profile:
-        profile_step(lm, ids)
+        profile_step(model, ids)
 
 
-def profile_step(lm, ids: torch.Tensor, steps: int = 8) -> None:
-    """Operators by self CPU time over `steps` cached single-token steps."""
+def profile_step(model, ids: torch.Tensor, steps: int = 8) -> None:
+    """Where `steps` cached single-token steps (loop, dynamic, numpy's BLAS as the pipeline uses it)
+    spend their time: the BLAS products (timed around each call; torch.profiler cannot see them),
+    torch's operators by self CPU time, and the rest (Python, module calls)."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import DynamicCache
 
+    lm = model.language_model
+    blas_seconds = [0.0]
+    numpy_linear = cpu_blas_gill.numpy_linear
+
+    def timed_linear(input, weight):
+        start = time.perf_counter()
+        out = numpy_linear(input, weight)
+        blas_seconds[0] += time.perf_counter() - start
+        return out
+
     cache = DynamicCache(config=lm.config)
-    lm(input_ids=ids, past_key_values=cache, use_cache=True)
     token = torch.tensor([[lm.config.bos_token_id or 1]])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            lm(input_ids=token, past_key_values=cache, use_cache=True)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
-    print(f"\nprofile of {steps} cached steps (loop, dynamic):\n{table}")
+    cpu_blas_gill.numpy_linear = timed_linear  # `numpy_blas_linears` calls it through the module
+    try:
+        with torch.inference_mode(), numpy_blas_linears(model):
+            lm(input_ids=ids, past_key_values=cache, use_cache=True)
+            for _ in range(2):
+                lm(input_ids=token, past_key_values=cache, use_cache=True)
+            blas_seconds[0], start = 0.0, time.perf_counter()
+            for _ in range(steps):
+                lm(input_ids=token, past_key_values=cache, use_cache=True)
+            step, blas = (time.perf_counter() - start) / steps, blas_seconds[0] / steps
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    lm(input_ids=token, past_key_values=cache, use_cache=True)
+    finally:
+        cpu_blas_gill.numpy_linear = numpy_linear
+    averages = prof.key_averages()
+    operators = sum(event.self_cpu_time_total for event in averages) / 1e6 / steps
+    print(f"\none cached step (loop, dynamic, numpy's BLAS), mean of {steps}: {step * 1e3:.1f} ms = BLAS products "
+          f"{blas * 1e3:.1f} ms ({weight_bytes(lm) / blas / 1e9:.1f} GB/s) + torch operators ~{operators * 1e3:.1f} ms "
+          f"(measured under the profiler) + the rest ~{(step - blas - operators) * 1e3:.1f} ms")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def kernel_bandwidth(lm, repeat: int) -> None:
     """The LM's matmuls alone, at batch 1, on copies of its weight shapes (so nothing stays in cache
     between layers): `F.linear` as the LM calls it, against the same products with the weights stored
-    transposed and with oneDNN-packed weights (both change the summation order, so not bit-identical)."""
+    transposed, with oneDNN-packed weights and through numpy's BLAS as `numpy_blas_linears` routes them
+    (the last three change the summation order, so they are not bit-identical)."""
     import torch.nn.functional as F
     import torch.utils.mkldnn
 
@@ -145,14 +203,19 @@ def kernel_bandwidth(lm, repeat: int) -> None:
         linear.weight.data = w
         packed.append(torch.utils.mkldnn.to_mkldnn(linear))
     total = sum(w.numel() * w.element_size() for w in weights)
-    variants = {"F.linear (the LM's call)": lambda: [F.linear(inputs[w.shape[1]], w) for w in weights],
-                "weights stored transposed": lambda: [inputs[w.shape[0]] @ w for w in transposed],
-                "oneDNN-packed weights": lambda: [m(inputs[m.weight.shape[1]]) for m in packed]}
+    linears = torch.nn.ModuleList(torch.nn.Linear(w.shape[1], w.shape[0], bias=False) for w in weights)
+    for linear, w in zip(linears, weights):
+        linear.weight.data = w
+    variants = {"F.linear (the LM's call)": (lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], None),
+                "weights stored transposed": (lambda: [inputs[w.shape[0]] @ w for w in transposed], None),
+                "oneDNN-packed weights": (lambda: [m(inputs[m.weight.shape[1]]) for m in packed], None),
+                "numpy's BLAS (the default)": (lambda: [m(inputs[m.in_features]) for m in linears], linears)}
     print(f"\nthe LM's {len(weights)} matmuls per token (fp32, {total / 2**20:.0f} MiB, distinct weights):")
     with torch.inference_mode():
-        for name, run in variants.items():
-            run()
-            seconds, _ = timed(run, repeat)
+        for name, (run, routed) in variants.items():
+            with numpy_blas_linears(routed if routed is not None else torch.nn.Module()):
+                run()
+                seconds, _ = timed(run, repeat)
             print(f"{name:<26} {seconds * 1e3:6.1f} ms/token, {total / seconds / 1e9:5.1f} GB/s")
 
 
@@ -164,16 +227,16 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd step (slow warm-up)")
     parser.add_argument("--bf16", action="store_true", help="also the bf16 LM, against its own floor")
     parser.add_argument("--profile", action="store_true", help="profile one cached step per dtype")
-    parser.add_argument("--kernels", action="store_true", help="the LM's matmuls alone, three weight layouts")
+    parser.add_argument("--kernels", action="store_true", help="the LM's matmuls alone, four forms")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bandwidth = read_bandwidth(args.repeat)
+    bandwidths = [read_bandwidth(args.repeat)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"config: threads={args.threads}, batch=1, greedy, prompt={PROMPT_TOKENS} tokens, new={args.new_tokens}, "
-          f"median of {args.repeat} after warm-up, read bandwidth {bandwidth / 1e9:.2f} GB/s (1 GB sum), "
+          f"median of {args.repeat} after warm-up, read bandwidth {bandwidths[0] / 1e9:.2f} GB/s (1 GB sum, first reading), "
           f"load average at start {load:.2f}, cpu={platform.processor() or platform.machine()}, torch {torch.__version__}")
     for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
-        bench(dtype, args, bandwidth)
+        bench(dtype, args, bandwidths)
     if args.kernels:
         kernel_bandwidth(smollm2_gill(torch.float32)[0].language_model, args.repeat)
 

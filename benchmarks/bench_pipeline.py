@@ -2,7 +2,8 @@
 configuration beside them.
 
 (a) decoding tokens/s: the pipeline's KV-cached decoding against the reference's method (the whole
-    sequence re-run every step) on SmolLM2-135M (the embedded LLM), 64-token prompt; outputs
+    sequence re-run every step; both with numpy's BLAS for the matmuls, as the pipeline decodes) on
+    SmolLM2-135M (the embedded LLM), 64-token prompt; outputs
     compared token by token; the memory-bandwidth floor (measured read bandwidth / weight bytes per
     token) and the fraction of it reached (`bench_decoding.py` takes decoding options one by one).
 (b) pipeline end-to-end time over the sum of its bare parts (LM generate + mapper +
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from gill_hf import GillConfig, GillForConditionalGeneration, GillProcessor
+from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears
 from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
 from gill_hf.retrieval import GillRetrievalIndex
 
@@ -83,10 +85,11 @@ def prompt_ids(processor, length: int = 64) -> torch.Tensor:
 
 
 def rerun_decode(model, ids: torch.Tensor, n: int, masked: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
-    """The reference's method: the whole sequence through the LM at every step, no cache."""
+    """The reference's method: the whole sequence through the LM at every step, no cache (with the same
+    CPU matmuls as the pipeline's decoding, so that the two differ only in the method)."""
     embeds = model.embed_tokens(ids)
     tokens, logits_seen = [], []
-    with torch.no_grad():
+    with torch.no_grad(), numpy_blas_linears(model):
         for _ in range(n):
             logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[0, -1].float()
             logits = logits.masked_fill(masked, float("-inf"))
@@ -189,7 +192,7 @@ def bench_pipeline(dtype: torch.dtype, steps: int) -> None:
     inputs = processor(text=prompt)
 
     def bare():
-        with torch.no_grad():
+        with torch.no_grad(), numpy_blas_linears(model):  # the matmuls the pipeline's decoding uses
             gen = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                                  output_hidden_states=True, return_dict_in_generate=True,
                                  pad_token_id=processor.tokenizer.pad_token_id)

@@ -1,0 +1,92 @@
+"""CPU float32 matmuls through numpy's BLAS while decoding (pipelines/cpu_blas_gill.py). Budget: 10 s."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_info
+from tiny_models import IMG_TOKEN_IDS, tiny_gill
+
+from gill_hf.pipelines import cpu_blas_gill
+from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears, numpy_linear, numpy_linear_op
+from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
+
+
+def blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (1, 1, 40), (3, 5, 40), (7, 40)])
+def test_numpy_linear_matches_f_linear(shape):
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(24, 40, generator=generator), torch.randn(*shape, generator=generator)
+    out = numpy_linear(x, weight)
+    assert out.shape == (*shape[:-1], 24) and out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_the_op_has_a_fake_for_compile_and_the_same_values():
+    weight, x = torch.randn(6, 8), torch.randn(2, 3, 8)
+    torch.library.opcheck(numpy_linear_op, (x, weight), test_utils=("test_schema", "test_faketensor"))
+    torch.testing.assert_close(numpy_linear_op(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_linears_are_routed_inside_the_block_and_restored_after(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = model(x)
+    threads, blas_before = torch.get_num_threads(), blas_threads()
+    calls = []
+    monkeypatch.setattr(cpu_blas_gill, "numpy_linear", lambda x, w: calls.append(tuple(w.shape)) or numpy_linear(x, w))
+    with torch.no_grad(), numpy_blas_linears(model) as routed:
+        assert routed == 2 and all("forward" in vars(m) for m in (model[0], model[2]))
+        assert torch.get_num_threads() == 1 and set(blas_threads()) == {threads}
+        out = model(x)
+    assert calls == [(32, 16), (8, 32)]  # both products went through numpy, the bias added after
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.get_num_threads() == threads and blas_threads() == blas_before
+
+
+def test_autograd_other_dtypes_and_wrapped_modules_keep_torch():
+    linear = torch.nn.Linear(8, 4)
+    half = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    wrapped = torch.nn.Linear(8, 4)
+    wrapped.forward = lambda x: torch.zeros(1)  # a hook library's own forward is never replaced
+    with numpy_blas_linears(torch.nn.ModuleList([half, wrapped])) as routed:
+        assert routed == 0 and wrapped(torch.randn(2, 8)).shape == (1,)
+    with numpy_blas_linears(linear, enabled=False) as routed:
+        assert routed == 0 and "forward" not in vars(linear)
+    x = torch.randn(3, 8, requires_grad=True)
+    with numpy_blas_linears(linear) as routed:
+        assert routed == 1
+        linear(x).sum().backward()  # grad enabled: F.linear, so the graph exists
+    torch.testing.assert_close(x.grad, linear.weight.sum(0).expand(3, 8))
+
+
+def test_an_error_inside_the_block_still_restores_everything():
+    linear, threads = torch.nn.Linear(8, 4), torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"), numpy_blas_linears(linear):
+        raise RuntimeError("boom")
+    assert "forward" not in vars(linear) and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
+def test_gill_decode_gives_the_same_tokens_and_hidden_states_with_either_blas(kind):
+    model = tiny_gill(kind, seed=3)
+    ids = GillTokenIds(img_token_ids=IMG_TOKEN_IDS, image_token_id=model.config.image_token_id,
+                       vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=0, newline_token_id=None)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(4, 290, (3, 9), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0  # left padding
+    results = {}
+    for numpy_blas in (False, True):
+        options = GillDecodingOptions(max_new_tokens=20, gen_scale_factor=3.0, numpy_blas=numpy_blas)
+        results[numpy_blas] = gill_decode(model, input_ids, mask, None, options, ids, [None] * 3)
+    assert sum(len(row.block_starts) for row in results[True]) > 0  # [IMG] states are compared too
+    for torch_row, blas_row in zip(results[False], results[True]):
+        assert blas_row.token_ids == torch_row.token_ids and blas_row.block_starts == torch_row.block_starts
+        torch.testing.assert_close(blas_row.img_hidden_states, torch_row.img_hidden_states, rtol=1e-5, atol=1e-5)
