@@ -25,8 +25,8 @@ Rows:
 Every row after the first runs inside `numpy_blas_linears`, as the pipeline does. Two rates: tok/s
 over the whole call (the prefill included) and the decode rate, (n - 1) / (time of n tokens - time
 of 1 token), which leaves the prefill out (it is the first-token latency). The read bandwidth is
-measured before the first row and after every row; the floor uses the median of those readings (this
-machine's readings vary by up to 1.8x within minutes) and the range is printed.
+measured before the first row and after every row, and each row's floor uses the mean of the readings
+just before and after it: this machine's readings drift by up to 1.8x within minutes (other tenants).
 
 Then (`--profile`) where a cached step's time goes: numpy's BLAS products (timed around each call),
 torch's operators (torch.profiler, by self CPU time) and the rest (Python), and (`--kernels`) the LM's
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 
 import torch
@@ -114,10 +113,11 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
             **{name: with_numpy_blas(run) for name, run in rows.items()}}
 
 
-def bench(dtype: torch.dtype, args, bandwidths: list[float]) -> None:
+def bench(dtype: torch.dtype, args) -> None:
     model, processor = smollm2_gill(dtype)
     lm, ids = model.language_model, prompt_ids(processor, PROMPT_TOKENS)
     results, reference = [], None
+    bandwidth = read_bandwidth(args.repeat)
     with torch.inference_mode():
         for name, run in decoders(model, processor.tokenizer, ids, args.compile).items():
             start = time.perf_counter()
@@ -127,23 +127,23 @@ def bench(dtype: torch.dtype, args, bandwidths: list[float]) -> None:
             first, _ = timed(lambda: run(1), args.repeat)
             reference = reference or tokens
             verdict = "same" if tokens == reference else f"differ from step {next(i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b)}"
-            results.append((name, args.new_tokens / seconds, (args.new_tokens - 1) / (seconds - first), first, warm_up, verdict))
-            bandwidths.append(read_bandwidth(args.repeat))
-    bandwidth = statistics.median(bandwidths)
-    floor = bandwidth / weight_bytes(lm)
+            # the machine's bandwidth drifts (other tenants): each row against the readings just before and after it
+            before, bandwidth = bandwidth, read_bandwidth(args.repeat)
+            results.append((name, args.new_tokens / seconds, (args.new_tokens - 1) / (seconds - first), first, warm_up,
+                            verdict, (before + bandwidth) / 2))
     print(f"\n## SmolLM2-135M {str(dtype).replace('torch.', '')}: weights {weight_bytes(lm) / 2**20:.1f} MiB read per token; "
-          f"read bandwidth median {bandwidth / 1e9:.1f} GB/s of {len(bandwidths)} readings ({min(bandwidths) / 1e9:.1f}-"
-          f"{max(bandwidths) / 1e9:.1f}), floor {floor:.1f} tokens/s")
+          f"floor = the row's read bandwidth / weight bytes")
     print(f"{'path':<26} | {'tok/s':>6} | {'% floor':>7} | {'decode tok/s':>12} | {'% floor':>7} | {'first token s':>13} | "
-          f"{'warm-up s':>9} | tokens vs the first row")
-    for name, rate, decode_rate, first, warm_up, verdict in results:
+          f"{'warm-up s':>9} | {'GB/s':>5} | {'floor':>5} | tokens vs the first row")
+    for name, rate, decode_rate, first, warm_up, verdict, row_bandwidth in results:
+        floor = row_bandwidth / weight_bytes(lm)
         print(f"{name:<26} | {rate:>6.1f} | {rate / floor:>6.1%} | {decode_rate:>12.1f} | {decode_rate / floor:>6.1%} | "
-              f"{first:>13.3f} | {warm_up:>9.1f} | {verdict}")
-    if args.profile:
-        profile_step(model, ids)
+              f"{first:>13.3f} | {warm_up:>9.1f} | {row_bandwidth / 1e9:>5.1f} | {floor:>5.1f} | {verdict}")
+    if args.profile and dtype == torch.float32:  # numpy's BLAS is float32 only
+        profile_step(model, ids, args.repeat)
 
 
-def profile_step(model, ids: torch.Tensor, steps: int = 8) -> None:
+def profile_step(model, ids: torch.Tensor, repeat: int, steps: int = 8) -> None:
     """Where `steps` cached single-token steps (loop, dynamic, numpy's BLAS as the pipeline uses it)
     spend their time: the BLAS products (timed around each call; torch.profiler cannot see them),
     torch's operators by self CPU time, and the rest (Python, module calls)."""
@@ -177,11 +177,12 @@ def profile_step(model, ids: torch.Tensor, steps: int = 8) -> None:
                     lm(input_ids=token, past_key_values=cache, use_cache=True)
     finally:
         cpu_blas_gill.numpy_linear = numpy_linear
-    averages = prof.key_averages()
+    averages, bandwidth = prof.key_averages(), read_bandwidth(repeat)
     operators = sum(event.self_cpu_time_total for event in averages) / 1e6 / steps
     print(f"\none cached step (loop, dynamic, numpy's BLAS), mean of {steps}: {step * 1e3:.1f} ms = BLAS products "
           f"{blas * 1e3:.1f} ms ({weight_bytes(lm) / blas / 1e9:.1f} GB/s) + torch operators ~{operators * 1e3:.1f} ms "
-          f"(measured under the profiler) + the rest ~{(step - blas - operators) * 1e3:.1f} ms")
+          f"(measured under the profiler) + the rest ~{(step - blas - operators) * 1e3:.1f} ms; read bandwidth just after "
+          f"{bandwidth / 1e9:.1f} GB/s, so the weights alone take {weight_bytes(lm) / bandwidth * 1e3:.1f} ms")
     print(averages.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
@@ -210,7 +211,8 @@ def kernel_bandwidth(lm, repeat: int) -> None:
                 "weights stored transposed": (lambda: [inputs[w.shape[0]] @ w for w in transposed], None),
                 "oneDNN-packed weights": (lambda: [m(inputs[m.weight.shape[1]]) for m in packed], None),
                 "numpy's BLAS (the default)": (lambda: [m(inputs[m.in_features]) for m in linears], linears)}
-    print(f"\nthe LM's {len(weights)} matmuls per token (fp32, {total / 2**20:.0f} MiB, distinct weights):")
+    print(f"\nthe LM's {len(weights)} matmuls per token (fp32, {total / 2**20:.0f} MiB, distinct weights; read bandwidth "
+          f"now {read_bandwidth(repeat) / 1e9:.1f} GB/s):")
     with torch.inference_mode():
         for name, (run, routed) in variants.items():
             with numpy_blas_linears(routed if routed is not None else torch.nn.Module()):
@@ -230,13 +232,12 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="the LM's matmuls alone, four forms")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bandwidths = [read_bandwidth(args.repeat)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"config: threads={args.threads}, batch=1, greedy, prompt={PROMPT_TOKENS} tokens, new={args.new_tokens}, "
-          f"median of {args.repeat} after warm-up, read bandwidth {bandwidths[0] / 1e9:.2f} GB/s (1 GB sum, first reading), "
+          f"median of {args.repeat} after warm-up, "
           f"load average at start {load:.2f}, cpu={platform.processor() or platform.machine()}, torch {torch.__version__}")
     for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
-        bench(dtype, args, bandwidths)
+        bench(dtype, args)
     if args.kernels:
         kernel_bandwidth(smollm2_gill(torch.float32)[0].language_model, args.repeat)
 

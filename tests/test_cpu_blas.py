@@ -50,13 +50,21 @@ def test_linears_are_routed_inside_the_block_and_restored_after(monkeypatch):
     assert torch.get_num_threads() == threads and blas_threads() == blas_before
 
 
-def test_autograd_other_dtypes_and_wrapped_modules_keep_torch():
-    linear = torch.nn.Linear(8, 4)
+def test_a_layer_left_to_torch_leaves_the_whole_model_to_torch():
     half = torch.nn.Linear(8, 4).to(torch.bfloat16)
     wrapped = torch.nn.Linear(8, 4)
     wrapped.forward = lambda x: torch.zeros(1)  # a hook library's own forward is never replaced
-    with numpy_blas_linears(torch.nn.ModuleList([half, wrapped])) as routed:
-        assert routed == 0 and wrapped(torch.randn(2, 8)).shape == (1,)
+    threads = torch.get_num_threads()
+    for other in (half, wrapped):
+        model = torch.nn.ModuleList([torch.nn.Linear(8, 4), other])
+        # torch keeps its threads for the layer it still computes, so no layer moves to numpy
+        with numpy_blas_linears(model) as routed:
+            assert routed == 0 and torch.get_num_threads() == threads and "forward" not in vars(model[0])
+    assert wrapped(torch.randn(2, 8)).shape == (1,)
+
+
+def test_autograd_and_disabled_keep_torch():
+    linear = torch.nn.Linear(8, 4)
     with numpy_blas_linears(linear, enabled=False) as routed:
         assert routed == 0 and "forward" not in vars(linear)
     x = torch.randn(3, 8, requires_grad=True)
