@@ -53,16 +53,14 @@ def _(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return input.new_empty(*input.shape[:-1], weight.shape[0])
 
 
-def _eligible(module: torch.nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (
-        type(module) is torch.nn.Linear
-        and "forward" not in vars(module)  # accelerate's hooks and other wrappers keep theirs
-        and weight is not None
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and weight.is_contiguous()
-    )
+def _cpu_float32(module: torch.nn.Linear) -> bool:
+    return module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
+
+
+def _routable(module: torch.nn.Linear) -> bool:
+    # Subclasses may compute differently (or never call forward: MultiheadAttention's out_proj), and a
+    # forward set on the instance (accelerate's hooks) is someone else's.
+    return type(module) is torch.nn.Linear and "forward" not in vars(module) and module.weight.is_contiguous()
 
 
 def _blas_forward(module: torch.nn.Linear):
@@ -82,13 +80,14 @@ def _blas_forward(module: torch.nn.Linear):
 @contextlib.contextmanager
 def numpy_blas_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
     """Inside the block, `model`'s `nn.Linear` layers compute with numpy's BLAS, which gets torch's thread
-    count while torch runs on one thread; both are restored on exit. All layers or none: when one
-    `nn.Linear` stays with torch (another dtype or device, a hook's own forward), torch keeps its
-    threads for it and nothing changes. Yields how many layers were routed (0: nothing changed; also
-    when `enabled` is False or threadpoolctl is missing)."""
-    enabled = enabled and threadpool_limits is not None
+    count while torch runs on one thread; both are restored on exit. When a linear layer of `model` has
+    another dtype or device (a bf16 language model beside float32 heads, a GPU, offloading), torch keeps
+    it and its threads, and nothing changes. Layers that are not plain `nn.Linear` or carry their own
+    `forward` stay with torch. Yields how many layers were routed (0: nothing changed; also when
+    `enabled` is False or threadpoolctl is missing)."""
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
-    modules = linears if enabled and linears and all(map(_eligible, linears)) else []
+    enabled = enabled and threadpool_limits is not None and all(map(_cpu_float32, linears))
+    modules = [module for module in linears if _routable(module)] if enabled else []
     if not modules:
         yield 0
         return

@@ -50,17 +50,20 @@ def test_linears_are_routed_inside_the_block_and_restored_after(monkeypatch):
     assert torch.get_num_threads() == threads and blas_threads() == blas_before
 
 
-def test_a_layer_left_to_torch_leaves_the_whole_model_to_torch():
-    half = torch.nn.Linear(8, 4).to(torch.bfloat16)
-    wrapped = torch.nn.Linear(8, 4)
-    wrapped.forward = lambda x: torch.zeros(1)  # a hook library's own forward is never replaced
+def test_a_layer_of_another_dtype_leaves_the_whole_model_to_torch_and_a_hooked_one_is_skipped():
     threads = torch.get_num_threads()
-    for other in (half, wrapped):
-        model = torch.nn.ModuleList([torch.nn.Linear(8, 4), other])
-        # torch keeps its threads for the layer it still computes, so no layer moves to numpy
-        with numpy_blas_linears(model) as routed:
-            assert routed == 0 and torch.get_num_threads() == threads and "forward" not in vars(model[0])
-    assert wrapped(torch.randn(2, 8)).shape == (1,)
+    model = torch.nn.ModuleList([torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).to(torch.bfloat16)])
+    # torch keeps its threads for the bf16 layer it still computes, so no layer moves to numpy
+    with numpy_blas_linears(model) as routed:
+        assert routed == 0 and torch.get_num_threads() == threads and "forward" not in vars(model[0])
+    wrapped = torch.nn.Linear(8, 4)
+    wrapped.forward = own = lambda x: torch.zeros(1)  # a hook library's own forward is never replaced
+    model = torch.nn.ModuleList([torch.nn.Linear(8, 4), wrapped, torch.nn.MultiheadAttention(8, 2)])
+    with torch.no_grad(), numpy_blas_linears(model) as routed:
+        assert routed == 1 and "forward" in vars(model[0]) and wrapped.forward is own
+        x = torch.randn(1, 3, 8)
+        out, _ = model[2](x, x, x)  # its out_proj (a Linear subclass) stays with torch
+    assert wrapped.forward is own and out.shape == (1, 3, 8)
 
 
 def test_autograd_and_disabled_keep_torch():
