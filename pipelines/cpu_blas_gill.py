@@ -4,9 +4,10 @@ At batch 1 a decoding step is a chain of matrix-vector products, bound by how fa
 stream from memory. torch's x86 wheels run them through MKL, which on some CPUs (the AMD EPYC this
 project is measured on) reads well under half the machine's bandwidth; numpy's bundled OpenBLAS
 streams at close to it and is also faster at the prefill's small matrix products (README,
-"Benchmarks"). `numpy_blas_linears(model)` routes every `nn.Linear` of `model` through
-`numpy.dot` for the duration of a `with` block, for CPU float32 tensors outside autograd; anything
-else (a GPU, another dtype, a graph being recorded) takes `F.linear` as before.
+"Benchmarks"). `numpy_blas_linears(model)` routes the `nn.Linear` layers of a CPU float32 `model`
+through `numpy.dot` for the duration of a `with` block; inputs of another dtype or device, and calls
+that autograd records, take `F.linear` as before. `GillPipeline` decodes inside it (its `numpy_blas`
+attribute).
 
 The two libraries sum in different orders, so logits differ in the last bits (about 1e-6 relative);
 greedy tokens are the same in the benchmark and the tests. Thread pools: numpy's BLAS gets torch's

@@ -36,8 +36,8 @@ class GillDecodingOptions:
     force_image: bool = False
     max_images: int | None = None
     decoding: str = "default"
-    # CPU float32 matmuls through numpy's BLAS while decoding (`cpu_blas_gill`): same tokens, ~1.8x
-    # faster on the machines measured; False keeps torch's.
+    # CPU float32 matmuls through numpy's BLAS while decoding (`cpu_blas_gill`; the pipeline's
+    # `numpy_blas` attribute): same greedy tokens, ~1.8x the tokens/s where measured; False keeps torch's.
     numpy_blas: bool = True
 
     @property

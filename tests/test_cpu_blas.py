@@ -101,3 +101,21 @@ def test_gill_decode_gives_the_same_tokens_and_hidden_states_with_either_blas(ki
     for torch_row, blas_row in zip(results[False], results[True]):
         assert blas_row.token_ids == torch_row.token_ids and blas_row.block_starts == torch_row.block_starts
         torch.testing.assert_close(blas_row.img_hidden_states, torch_row.img_hidden_states, rtol=1e-5, atol=1e-5)
+
+
+def test_the_pipeline_decodes_with_numpy_blas_unless_its_attribute_says_no(tmp_path, monkeypatch):
+    from test_pipeline import FAST, tiny_pipeline
+
+    pipe = tiny_pipeline(tmp_path)
+    calls = []
+    monkeypatch.setattr(cpu_blas_gill, "numpy_linear", lambda x, w: calls.append(1) or numpy_linear(x, w))
+    settings = dict(prompt=["A dog runs across", "Two birds"], max_new_tokens=12, force_image=True, output_type="np", **FAST)
+    assert pipe.numpy_blas is True
+    with_blas = pipe(generator=torch.Generator().manual_seed(0), **settings)
+    routed_calls = len(calls)
+    pipe.numpy_blas = False
+    with_torch = pipe(generator=torch.Generator().manual_seed(0), **settings)
+    assert routed_calls > 0 and len(calls) == routed_calls  # the second call never reached numpy
+    assert with_blas.token_ids == with_torch.token_ids
+    for a, b in zip(with_blas.images, with_torch.images):
+        assert abs(a[0].astype(float) - b[0].astype(float)).max() <= 1 / 255
