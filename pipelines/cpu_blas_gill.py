@@ -83,12 +83,18 @@ def numpy_blas_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator
     """Inside the block, `model`'s `nn.Linear` layers compute with numpy's BLAS, which gets torch's thread
     count while torch runs on one thread; both are restored on exit. When a linear layer of `model` has
     another dtype or device (a bf16 language model beside float32 heads, a GPU, offloading), torch keeps
-    it and its threads, and nothing changes. Layers that are not plain `nn.Linear` or carry their own
-    `forward` stay with torch. Yields how many layers were routed (0: nothing changed; also when
+    it and its threads, and nothing changes; so too when the routable layers hold less than half of
+    `model`'s weights. Layers that are not plain `nn.Linear` or carry their own `forward` stay with
+    torch. Yields how many layers were routed (0: nothing changed; also when
     `enabled` is False or threadpoolctl is missing)."""
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
     enabled = enabled and threadpool_limits is not None and all(map(_cpu_float32, linears))
     modules = [module for module in linears if _routable(module)] if enabled else []
+    # Worth it only where the routed layers hold most of the weights: GPT-2's blocks multiply in
+    # `Conv1D`, which would be left to a single torch thread.
+    routed = sum(module.weight.numel() for module in {id(m.weight): m for m in modules}.values())
+    if routed * 2 < sum(param.numel() for param in model.parameters()):
+        modules = []
     if not modules:
         yield 0
         return

@@ -13,6 +13,9 @@ from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears, numpy_linear, nu
 from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
 
 
+THREADS = torch.get_num_threads()
+
+
 def blas_threads() -> list[int]:
     return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
@@ -58,12 +61,21 @@ def test_a_layer_of_another_dtype_leaves_the_whole_model_to_torch_and_a_hooked_o
         assert routed == 0 and torch.get_num_threads() == threads and "forward" not in vars(model[0])
     wrapped = torch.nn.Linear(8, 4)
     wrapped.forward = own = lambda x: torch.zeros(1)  # a hook library's own forward is never replaced
-    model = torch.nn.ModuleList([torch.nn.Linear(8, 4), wrapped, torch.nn.MultiheadAttention(8, 2)])
+    model = torch.nn.ModuleList([torch.nn.Linear(64, 64), wrapped, torch.nn.MultiheadAttention(8, 2)])  # most weights routable
     with torch.no_grad(), numpy_blas_linears(model) as routed:
         assert routed == 1 and "forward" in vars(model[0]) and wrapped.forward is own
         x = torch.randn(1, 3, 8)
         out, _ = model[2](x, x, x)  # its out_proj (a Linear subclass) stays with torch
     assert wrapped.forward is own and out.shape == (1, 3, 8)
+
+
+def test_a_model_that_multiplies_mostly_elsewhere_keeps_torch_and_its_threads():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16))
+    assert any(isinstance(m, torch.nn.Linear) for m in gpt2.modules())  # its head, tied to the embedding
+    with numpy_blas_linears(gpt2) as routed:  # its blocks multiply in Conv1D
+        assert routed == 0 and torch.get_num_threads() == THREADS
 
 
 def test_autograd_and_disabled_keep_torch():
@@ -84,8 +96,8 @@ def test_an_error_inside_the_block_still_restores_everything():
     assert "forward" not in vars(linear) and torch.get_num_threads() == threads
 
 
-@pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
-def test_gill_decode_gives_the_same_tokens_and_hidden_states_with_either_blas(kind):
+@pytest.mark.parametrize("kind", ["opt", "llama"])  # GPT-2 multiplies in Conv1D: it keeps torch (test above)
+def test_gill_decode_gives_the_same_tokens_and_hidden_states_with_either_blas(kind, monkeypatch):
     model = tiny_gill(kind, seed=3)
     ids = GillTokenIds(img_token_ids=IMG_TOKEN_IDS, image_token_id=model.config.image_token_id,
                        vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=0, newline_token_id=None)
@@ -93,10 +105,16 @@ def test_gill_decode_gives_the_same_tokens_and_hidden_states_with_either_blas(ki
     input_ids = torch.randint(4, 290, (3, 9), generator=generator)
     mask = torch.ones_like(input_ids)
     mask[1, :3] = 0  # left padding
-    results = {}
+    calls, results = [], {}
+    monkeypatch.setattr(cpu_blas_gill, "numpy_linear", lambda x, w: calls.append(x.shape[:-1].numel()) or numpy_linear(x, w))
     for numpy_blas in (False, True):
         options = GillDecodingOptions(max_new_tokens=20, gen_scale_factor=3.0, numpy_blas=numpy_blas)
         results[numpy_blas] = gill_decode(model, input_ids, mask, None, options, ids, [None] * 3)
+        assert bool(calls) == numpy_blas
+    assert 27 in calls and 3 in calls  # the prefill's rows and the cached steps' rows
+    one_row = {blas: gill_decode(model, input_ids[:1], mask[:1], None, GillDecodingOptions(max_new_tokens=20, numpy_blas=blas),
+                                 ids, [None])[0].token_ids for blas in (False, True)}
+    assert 1 in calls and one_row[True] == one_row[False]  # batch 1: matrix-vector products
     assert sum(len(row.block_starts) for row in results[True]) > 0  # [IMG] states are compared too
     for torch_row, blas_row in zip(results[False], results[True]):
         assert blas_row.token_ids == torch_row.token_ids and blas_row.block_starts == torch_row.block_starts
