@@ -4,9 +4,9 @@ one option at a time, and where the time goes.
 Floor = read bandwidth (a 1 GB fp32 `tensor.sum()`, same run, same threads) / weight bytes read per
 token in the dtype used (every LM tensor once: the tied embedding is read whole as the output head).
 Each row: greedy, batch 1, a 64-token prompt, `--new-tokens` new tokens with no early stop; median of
-`--repeat` runs after a warm-up; tokens/s = new tokens / the whole call (prefill included), % of floor,
-first-token latency (the time of a 1-token run: the prefill plus one token), and whether the tokens
-equal the first row's (the pipeline's path today).
+`--repeat` runs after a warm-up; tokens/s and % of floor (below), first-token latency (the time of a
+1-token run: the prefill plus one token), and whether the tokens equal the first row's (the
+pipeline's path before numpy's BLAS).
 
 Rows:
   gill_decode, torch matmuls   the pipeline's decoding before numpy's BLAS (`numpy_blas=False`): the
