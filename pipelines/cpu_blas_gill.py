@@ -19,6 +19,8 @@ small to gain from threads.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # a dependency of gill-hf; a remote-code folder loaded without it keeps torch's matmuls
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_info, threadpool_limits
 except ImportError:
-    threadpool_limits = None
+    threadpool_info = threadpool_limits = None
 
 
 def numpy_linear(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -60,57 +62,85 @@ def _cpu_float32(module: torch.nn.Linear) -> bool:
 
 def _routable(module: torch.nn.Linear) -> bool:
     # Subclasses may compute differently (or never call forward: MultiheadAttention's out_proj), and a
-    # forward set on the instance (accelerate's hooks) is someone else's.
+    # forward set on the instance (accelerate's hooks, another block on the same model) is someone else's.
     return type(module) is torch.nn.Linear and "forward" not in vars(module) and module.weight.is_contiguous()
 
 
-def _blas_forward(module: torch.nn.Linear):
-    weight = module.weight.detach()
-    bias = None if module.bias is None else module.bias.detach()
+@functools.cache
+def _numpy_uses_openblas() -> bool:
+    """numpy's BLAS is the pthreads OpenBLAS its wheels bundle: the library measured. An MKL-linked
+    numpy gains nothing over torch's MKL, and an OpenMP OpenBLAS would share torch's thread pool."""
+    return any(pool["internal_api"] == "openblas" and pool.get("threading_layer") == "pthreads" for pool in threadpool_info())
 
+
+def _blas_forward(module: torch.nn.Linear):
     def forward(input: torch.Tensor) -> torch.Tensor:
-        if input.dtype != torch.float32 or input.device.type != "cpu" or (torch.is_grad_enabled() and (
-                input.requires_grad or module.weight.requires_grad)):
-            return F.linear(input, module.weight, module.bias)
+        weight, bias = module.weight, module.bias  # read at each call: a layer may be given new weights
+        if (type(input) is not torch.Tensor or input.dtype != torch.float32 or input.device.type != "cpu"
+                or input.is_neg() or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))):
+            return F.linear(input, weight, bias)
+        weight = weight.detach()
         out = numpy_linear_op(input, weight) if torch.compiler.is_compiling() else numpy_linear(input.detach(), weight)
-        return out if bias is None else out + bias
+        return out if bias is None else out + bias.detach()
 
     return forward
+
+
+class _ThreadSettings:
+    """torch's and numpy's thread counts while any block is open, in any thread: the first block in
+    saves them, the last one out restores them (a thread's own `torch.get_num_threads()` would read
+    another block's 1)."""
+
+    def __init__(self):
+        self.lock, self.open_blocks, self.saved, self.limiter = threading.Lock(), 0, 1, None
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.open_blocks == 0:
+                self.saved = torch.get_num_threads()
+                self.limiter = threadpool_limits(limits=self.saved, user_api="blas")
+                torch.set_num_threads(1)
+            self.open_blocks += 1
+
+    def exit(self) -> None:
+        with self.lock:
+            self.open_blocks -= 1
+            if self.open_blocks == 0:
+                torch.set_num_threads(self.saved)
+                self.limiter.restore_original_limits()
+
+
+_THREADS = _ThreadSettings()
 
 
 @contextlib.contextmanager
 def numpy_blas_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
     """Inside the block, `model`'s `nn.Linear` layers compute with numpy's BLAS, which gets torch's thread
-    count while torch runs on one thread; both are restored on exit. When a linear layer of `model` has
-    another dtype or device (a bf16 language model beside float32 heads, a GPU, offloading), torch keeps
-    it and its threads, and nothing changes; so too when the routable layers hold less than half of
-    `model`'s weights. Layers that are not plain `nn.Linear` or carry their own `forward` stay with
-    torch. Yields how many layers were routed (0: nothing changed; also when
-    `enabled` is False or threadpoolctl is missing)."""
-    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
-    enabled = enabled and threadpool_limits is not None and all(map(_cpu_float32, linears))
-    modules = [module for module in linears if _routable(module)] if enabled else []
+    count while torch runs on one thread; both are restored when the last open block closes. For
+    inference: entered with autograd on, nothing changes. Nothing changes either when a linear layer of
+    `model` has another dtype or device (a bf16 language model beside float32 heads, a GPU, offloading),
+    when the routable layers hold less than half of `model`'s weights, or when numpy's BLAS is not the
+    OpenBLAS of its wheels. Layers that are not plain `nn.Linear` or carry their own `forward` stay with
+    torch, as do inputs that are tensor subclasses. Yields how many layers were routed (0: nothing
+    changed; also when `enabled` is False or threadpoolctl is missing)."""
+    enabled = enabled and threadpool_limits is not None and not torch.is_grad_enabled()
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)] if enabled else []
+    modules = [module for module in linears if _routable(module)] if all(map(_cpu_float32, linears)) else []
     # Worth it only where the routed layers hold most of the weights: GPT-2's blocks multiply in
     # `Conv1D`, which would be left to a single torch thread.
     routed = sum(module.weight.numel() for module in {id(m.weight): m for m in modules}.values())
-    if routed * 2 < sum(param.numel() for param in model.parameters()):
-        modules = []
-    if not modules:
+    if not modules or routed * 2 < sum(param.numel() for param in model.parameters()) or not _numpy_uses_openblas():
         yield 0
         return
-    threads = torch.get_num_threads()
+    _THREADS.enter()
     try:
         for module in modules:
             module.forward = _blas_forward(module)
-        with threadpool_limits(limits=threads, user_api="blas"):
-            torch.set_num_threads(1)
-            try:
-                yield len(modules)
-            finally:
-                torch.set_num_threads(threads)
+        yield len(modules)
     finally:
         for module in modules:
             vars(module).pop("forward", None)
+        _THREADS.exit()
 
 
 __all__ = ["numpy_linear", "numpy_linear_op", "numpy_blas_linears"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,11 +15,21 @@ from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears, numpy_linear, nu
 from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
 
 
-THREADS = torch.get_num_threads()
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Two torch threads, so that "one inside the block, restored after" could fail on a 1-core runner too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 def blas_threads() -> list[int]:
     return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def linears(*sizes: int) -> torch.nn.ModuleList:
+    return torch.nn.ModuleList(torch.nn.Linear(size, size) for size in sizes)
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (1, 1, 40), (3, 5, 40), (7, 40)])
@@ -40,25 +52,55 @@ def test_linears_are_routed_inside_the_block_and_restored_after(monkeypatch):
     x = torch.randn(4, 16)
     with torch.no_grad():
         expected = model(x)
-    threads, blas_before = torch.get_num_threads(), blas_threads()
+    blas_before = blas_threads()
     calls = []
     monkeypatch.setattr(cpu_blas_gill, "numpy_linear", lambda x, w: calls.append(tuple(w.shape)) or numpy_linear(x, w))
     with torch.no_grad(), numpy_blas_linears(model) as routed:
         assert routed == 2 and all("forward" in vars(m) for m in (model[0], model[2]))
-        assert torch.get_num_threads() == 1 and set(blas_threads()) == {threads}
+        assert torch.get_num_threads() == 1 and set(blas_threads()) == {2}
         out = model(x)
-    assert calls == [(32, 16), (8, 32)]  # both products went through numpy, the bias added after
+        model[0].weight = torch.nn.Parameter(torch.zeros(32, 16))  # new weights inside the block are used
+        assert torch.equal(model[0](x), model[0].bias.expand(4, 32))
+    assert calls == [(32, 16), (8, 32), (32, 16)]  # every product went through numpy, the bias added after
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert not any("forward" in vars(m) for m in model.modules())
-    assert torch.get_num_threads() == threads and blas_threads() == blas_before
+    assert torch.get_num_threads() == 2 and blas_threads() == blas_before
+
+
+def test_nested_and_concurrent_blocks_restore_the_threads_once_the_last_one_closes():
+    blas_before = blas_threads()
+    with torch.no_grad(), numpy_blas_linears(linears(8)) as outer:
+        with numpy_blas_linears(linears(8)) as inner:  # another model: numpy keeps torch's count from before
+            assert outer == inner == 1 and torch.get_num_threads() == 1 and set(blas_threads()) == {2}
+        assert torch.get_num_threads() == 1 and set(blas_threads()) == {2}
+    assert torch.get_num_threads() == 2 and blas_threads() == blas_before
+    # two threads: a enters, b enters, a leaves, b leaves
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def block(entered, wait_for, done=None):
+        with torch.no_grad(), numpy_blas_linears(linears(8)):
+            entered.set()
+            wait_for.wait(10)
+        if done is not None:
+            done.set()
+
+    a = threading.Thread(target=block, args=(a_in, b_in, a_out))
+    a.start()
+    a_in.wait(10)
+    b = threading.Thread(target=block, args=(b_in, a_out))
+    b.start()
+    a.join(10), b.join(10)
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # a thread started after
+    reader.start(), reader.join(10)
+    assert a_out.is_set() and seen == [2] and torch.get_num_threads() == 2 and blas_threads() == blas_before
 
 
 def test_a_layer_of_another_dtype_leaves_the_whole_model_to_torch_and_a_hooked_one_is_skipped():
-    threads = torch.get_num_threads()
     model = torch.nn.ModuleList([torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).to(torch.bfloat16)])
     # torch keeps its threads for the bf16 layer it still computes, so no layer moves to numpy
-    with numpy_blas_linears(model) as routed:
-        assert routed == 0 and torch.get_num_threads() == threads and "forward" not in vars(model[0])
+    with torch.no_grad(), numpy_blas_linears(model) as routed:
+        assert routed == 0 and torch.get_num_threads() == 2 and "forward" not in vars(model[0])
     wrapped = torch.nn.Linear(8, 4)
     wrapped.forward = own = lambda x: torch.zeros(1)  # a hook library's own forward is never replaced
     model = torch.nn.ModuleList([torch.nn.Linear(64, 64), wrapped, torch.nn.MultiheadAttention(8, 2)])  # most weights routable
@@ -74,26 +116,30 @@ def test_a_model_that_multiplies_mostly_elsewhere_keeps_torch_and_its_threads():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16))
     assert any(isinstance(m, torch.nn.Linear) for m in gpt2.modules())  # its head, tied to the embedding
-    with numpy_blas_linears(gpt2) as routed:  # its blocks multiply in Conv1D
-        assert routed == 0 and torch.get_num_threads() == THREADS
+    with torch.no_grad(), numpy_blas_linears(gpt2) as routed:  # its blocks multiply in Conv1D
+        assert routed == 0 and torch.get_num_threads() == 2
 
 
-def test_autograd_and_disabled_keep_torch():
+def test_autograd_keeps_torch():
     linear = torch.nn.Linear(8, 4)
-    with numpy_blas_linears(linear, enabled=False) as routed:
+    with numpy_blas_linears(linear) as routed:  # entered with autograd on: nothing changes
+        assert routed == 0 and "forward" not in vars(linear) and torch.get_num_threads() == 2
+    with torch.no_grad(), numpy_blas_linears(linear, enabled=False) as routed:
         assert routed == 0 and "forward" not in vars(linear)
     x = torch.randn(3, 8, requires_grad=True)
-    with numpy_blas_linears(linear) as routed:
+    with torch.no_grad(), numpy_blas_linears(linear) as routed:
         assert routed == 1
-        linear(x).sum().backward()  # grad enabled: F.linear, so the graph exists
+        with torch.enable_grad():
+            linear(x).sum().backward()  # recorded by autograd: F.linear, so the graph exists
     torch.testing.assert_close(x.grad, linear.weight.sum(0).expand(3, 8))
 
 
 def test_an_error_inside_the_block_still_restores_everything():
-    linear, threads = torch.nn.Linear(8, 4), torch.get_num_threads()
-    with pytest.raises(RuntimeError, match="boom"), numpy_blas_linears(linear):
+    linear, blas_before = torch.nn.Linear(8, 4), blas_threads()
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), numpy_blas_linears(linear) as routed:
+        assert routed == 1
         raise RuntimeError("boom")
-    assert "forward" not in vars(linear) and torch.get_num_threads() == threads
+    assert "forward" not in vars(linear) and torch.get_num_threads() == 2 and blas_threads() == blas_before
 
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])  # GPT-2 multiplies in Conv1D: it keeps torch (test above)
