@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_info
 from tiny_models import IMG_TOKEN_IDS, tiny_gill
+from torch_threads import torch_threads
 
 from gill_hf.pipelines import cpu_blas_gill
 from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears, numpy_linear, numpy_linear_op
@@ -18,10 +19,8 @@ from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, g
 @pytest.fixture(autouse=True)
 def two_threads():
     """Two torch threads, so that "one inside the block, restored after" could fail on a 1-core runner too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 def blas_threads() -> list[int]:

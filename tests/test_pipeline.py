@@ -18,6 +18,7 @@ from gill_hf.pipelines import GillPipeline, GillPipelineOutput
 from gill_hf.pipelines.decoding_gill import GillDecodingOptions, gill_decode
 from tiny_models import tiny_gill
 from tiny_tokenizers import llama_like_tokenizer, opt_like_tokenizer, tiny_image_processor
+from torch_threads import torch_threads
 
 GEN_DIM, CLIP_TOKENS = 20, 6
 
@@ -26,10 +27,8 @@ GEN_DIM, CLIP_TOKENS = 20, 6
 def one_thread():
     """Tiny tensors: torch's thread pool costs far more than it saves on shared cores (a 2-step
     tiny UNet run goes from ~0.1 s to ~10 s under contention), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:

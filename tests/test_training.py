@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tiny_models import IMG_TOKEN_IDS, tiny_gill, training_batch
+from torch_threads import torch_threads
 from transformers import TrainerCallback
 
 from gill_hf.modeling.checkpointing import gill_state_dict
@@ -18,10 +19,8 @@ from gill_hf.training import LOSS_KEYS, GillTrainer, GillTrainingArguments, refe
 @pytest.fixture(autouse=True)
 def one_thread():
     # Two shared cores: a second intra-op thread makes tiny matmuls wait (measured 30 ms -> 2 s a step).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 
