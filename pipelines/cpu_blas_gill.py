@@ -76,11 +76,15 @@ def _numpy_uses_openblas() -> bool:
 def _blas_forward(module: torch.nn.Linear):
     def forward(input: torch.Tensor) -> torch.Tensor:
         weight, bias = module.weight, module.bias  # read at each call: a layer may be given new weights
-        if (type(input) is not torch.Tensor or input.dtype != torch.float32 or input.device.type != "cpu"
-                or input.is_neg() or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))):
+        if input.dtype != torch.float32 or input.device.type != "cpu" or (
+                torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
             return F.linear(input, weight, bias)
-        weight = weight.detach()
-        out = numpy_linear_op(input, weight) if torch.compiler.is_compiling() else numpy_linear(input.detach(), weight)
+        if torch.compiler.is_compiling():  # traced: the op, whose fake stands in for it
+            out = numpy_linear_op(input, weight.detach())
+        elif type(input) is not torch.Tensor or input.is_neg():  # subclasses and negative views: no .numpy()
+            return F.linear(input, weight, bias)
+        else:
+            out = numpy_linear(input.detach(), weight.detach())
         return out if bias is None else out + bias.detach()
 
     return forward

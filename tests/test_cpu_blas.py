@@ -46,6 +46,17 @@ def test_the_op_has_a_fake_for_compile_and_the_same_values():
     torch.testing.assert_close(numpy_linear_op(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
+def test_a_graph_traced_inside_the_block_holds_the_op_whole():
+    # torch.export's strict mode traces with dynamo as torch.compile does, without compiling anything
+    model, x = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16)), torch.randn(1, 16)
+    with torch.no_grad(), numpy_blas_linears(model) as routed:
+        program = torch.export.export(model, (x,), strict=True)
+        expected = model(x)
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert routed == 2 and targets.count("gill_hf.numpy_linear.default") == 2 and "aten.linear.default" not in targets
+    torch.testing.assert_close(program.module()(x), expected)
+
+
 def test_linears_are_routed_inside_the_block_and_restored_after(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False))
     x = torch.randn(4, 16)
