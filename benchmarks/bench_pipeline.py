@@ -192,8 +192,10 @@ def bench_pipeline(dtype: torch.dtype, steps: int) -> None:
     inputs = processor(text=prompt)
 
     def bare():
+        # n_new + 1 passes: the answer ends with its [IMG] block, whose last token must be fed through the LM
+        # too for its hidden state (hidden_states[s] is the pass that fed token s), as the pipeline does
         with torch.no_grad(), numpy_blas_linears(model):  # the matmuls the pipeline's decoding uses
-            gen = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+            gen = model.generate(**inputs, max_new_tokens=n_new + 1, min_new_tokens=n_new + 1, do_sample=False,
                                  output_hidden_states=True, return_dict_in_generate=True,
                                  pad_token_id=processor.tokenizer.pad_token_id)
             hidden = torch.stack([step[-1][:, -1] for step in gen.hidden_states[-8:]], dim=1)
@@ -202,8 +204,9 @@ def bench_pipeline(dtype: torch.dtype, steps: int) -> None:
                output_type="pt", **settings)
 
     bare()
-    t_pipe, _ = timed(end_to_end, repeat=3)
-    t_bare, _ = timed(bare, repeat=3)
+    # interleaved, so that the machine's drift between runs falls on both sides alike
+    runs = [(timed(end_to_end)[0], timed(bare)[0]) for _ in range(7)]
+    t_pipe, t_bare = statistics.median(p for p, _ in runs), statistics.median(b for _, b in runs)
     header("(b) pipeline end-to-end vs the sum of its bare parts",
            model="SmolLM2-135M + random GILL heads, random small UNet/VAE (latent 16x16)", dtype=str(dtype).replace("torch.", ""),
            threads=torch.get_num_threads(), prompt_tokens=inputs["input_ids"].shape[1], new_tokens=n_new,
