@@ -33,14 +33,17 @@ except ImportError:
     threadpool_info = threadpool_limits = None
 
 
+def blas_product(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """`rows @ matrix.T` for 2-D arrays by numpy's BLAS: one row is a matrix-vector product (gemv),
+    which streams the weights once; more rows a gemm."""
+    return matrix.dot(rows[0])[None] if rows.shape[0] == 1 else rows.dot(matrix.T)
+
+
 def numpy_linear(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(input, weight)` computed by numpy's BLAS (CPU float32 tensors outside autograd)."""
     rows = input.numpy()  # numpy-side reshapes: a microsecond a call less than torch's, 211 calls a token
-    rows = rows.reshape(-1, rows.shape[-1])
-    matrix = weight.numpy()
-    # One row is a matrix-vector product (BLAS gemv), which streams the weights once.
-    out = matrix.dot(rows[0])[None] if rows.shape[0] == 1 else rows.dot(matrix.T)
-    return torch.from_numpy(out.reshape(*input.shape[:-1], matrix.shape[0]))
+    out = blas_product(rows.reshape(-1, rows.shape[-1]), weight.numpy())
+    return torch.from_numpy(out.reshape(*input.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("gill_hf::numpy_linear", mutates_args=())
@@ -147,4 +150,4 @@ def numpy_blas_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator
         _THREADS.exit()
 
 
-__all__ = ["numpy_linear", "numpy_linear_op", "numpy_blas_linears"]
+__all__ = ["blas_product", "numpy_linear", "numpy_linear_op", "numpy_blas_linears"]

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .cpu_blas_gill import numpy_blas_linears
+from .cpu_decode_gill import NumpyLlamaDecoder, fused_generate
 
 DECODING_MODES = ("default", "reference")
 
@@ -39,6 +40,9 @@ class GillDecodingOptions:
     # CPU float32 matmuls through numpy's BLAS while decoding (`cpu_blas_gill`; the pipeline's
     # `numpy_blas` attribute): same greedy tokens, ~1.8x the tokens/s where measured; False keeps torch's.
     numpy_blas: bool = True
+    # With numpy's BLAS on, a Llama LM's cached steps run as one fused numpy function
+    # (`cpu_decode_gill`) instead of `generate`'s module calls; the prompt's pass is unchanged.
+    fused_step: bool = True
 
     @property
     def reference(self) -> bool:
@@ -284,24 +288,32 @@ def gill_decode(
     limit = options.max_new_tokens * (n_img if options.reference else 1) + 1
     # Left padding: positions count real tokens only, as for each prompt alone.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    with _neutral_generation_config(model), numpy_blas_linears(model, options.numpy_blas):
-        generation_config = GenerationConfig(
-            max_new_tokens=limit, do_sample=False, num_beams=1, pad_token_id=ids.pad_token_id,
-            eos_token_id=None, output_hidden_states=True, return_dict_in_generate=True, use_cache=True,
-        )
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            position_ids=position_ids,
-            generation_config=generation_config,
-            logits_processor=LogitsProcessorList([GillLogitsProcessor(state, model.logits_width), GillRowSampler(state, generators)]),
-            stopping_criteria=StoppingCriteriaList([GillStoppingCriteria(state, on_step)]),
-        )
-    state.update(out.sequences)
+    processors = LogitsProcessorList([GillLogitsProcessor(state, model.logits_width), GillRowSampler(state, generators)])
+    stopping = StoppingCriteriaList([GillStoppingCriteria(state, on_step)])
     layer = model.config.text_emb_layers[0]
-    # hidden_states[s] holds the pass that fed generated token s - 1 (s = 0 is the prompt).
-    step_states = [step[layer][:, -1] for step in out.hidden_states[1:]]
+    # built before the block, whose routed layers carry their own forward
+    decoder = NumpyLlamaDecoder.for_model(model.language_model, layer) if options.numpy_blas and options.fused_step else None
+    with _neutral_generation_config(model), numpy_blas_linears(model, options.numpy_blas) as routed:
+        if routed and decoder is not None:
+            def prompt_pass():
+                return model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                             position_ids=position_ids, cache=DynamicCache(config=model.config.text_config), use_cache=True)
+
+            sequences, step_states = fused_generate(
+                model, decoder, prompt_pass, input_ids, attention_mask, position_ids,
+                limit, processors, stopping, ids.pad_token_id)
+        else:
+            generation_config = GenerationConfig(
+                max_new_tokens=limit, do_sample=False, num_beams=1, pad_token_id=ids.pad_token_id,
+                eos_token_id=None, output_hidden_states=True, return_dict_in_generate=True, use_cache=True,
+            )
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, position_ids=position_ids,
+                generation_config=generation_config, logits_processor=processors, stopping_criteria=stopping,
+            )
+            # hidden_states[s] holds the pass that fed generated token s - 1 (s = 0 is the prompt).
+            sequences, step_states = out.sequences, [step[layer][:, -1] for step in out.hidden_states[1:]]
+    state.update(sequences)
     rows = []
     for b, row in enumerate(state.rows):
         tokens = list(row.tokens)
@@ -311,7 +323,7 @@ def gill_decode(
             tokens = _reference_cut(tokens, ids, options)
         starts = _block_starts(tokens, ids.img_token_ids)
         hidden = [torch.stack([step_states[s][b] for s in range(j, j + n_img)]) for j in starts]
-        empty = torch.empty(0, n_img, model.config.text_config.hidden_size, dtype=out.hidden_states[0][layer].dtype)
+        empty = torch.empty(0, n_img, model.config.text_config.hidden_size, dtype=model.language_model.dtype)
         rows.append(DecodedRow(tokens, starts, torch.stack(hidden) if hidden else empty.to(input_ids.device)))
     return rows
 

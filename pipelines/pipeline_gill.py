@@ -74,7 +74,9 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
     Attributes:
         numpy_blas (`bool`, defaults to `True`): on CPU in float32, decode with the model's linear
             layers computed by numpy's BLAS (`cpu_blas_gill`: the same greedy tokens, about twice the
-            tokens/s where torch's BLAS is MKL on an AMD CPU); `pipe.numpy_blas = False` keeps torch's.
+            tokens/s where torch's BLAS is MKL on an AMD CPU) and, for a Llama LM, its cached steps as one
+            fused numpy function (`cpu_decode_gill`, about 1.4x more); `pipe.numpy_blas = False` keeps
+            torch's modules and matmuls.
     """
 
     model_cpu_offload_seq = "gill_model->text_encoder->unet->vae"

@@ -164,11 +164,12 @@ def test_gill_decode_gives_the_same_tokens_and_hidden_states_with_either_blas(ki
     calls, results = [], {}
     monkeypatch.setattr(cpu_blas_gill, "numpy_linear", lambda x, w: calls.append(x.shape[:-1].numel()) or numpy_linear(x, w))
     for numpy_blas in (False, True):
-        options = GillDecodingOptions(max_new_tokens=20, gen_scale_factor=3.0, numpy_blas=numpy_blas)
+        # the module path: the fused step (its own test file) makes its products without `numpy_linear`
+        options = GillDecodingOptions(max_new_tokens=20, gen_scale_factor=3.0, numpy_blas=numpy_blas, fused_step=False)
         results[numpy_blas] = gill_decode(model, input_ids, mask, None, options, ids, [None] * 3)
         assert bool(calls) == numpy_blas
     assert 27 in calls and 3 in calls  # the prefill's rows and the cached steps' rows
-    one_row = {blas: gill_decode(model, input_ids[:1], mask[:1], None, GillDecodingOptions(max_new_tokens=20, numpy_blas=blas),
+    one_row = {blas: gill_decode(model, input_ids[:1], mask[:1], None, GillDecodingOptions(max_new_tokens=20, numpy_blas=blas, fused_step=False),
                                  ids, [None])[0].token_ids for blas in (False, True)}
     assert 1 in calls and one_row[True] == one_row[False]  # batch 1: matrix-vector products
     assert sum(len(row.block_starts) for row in results[True]) > 0  # [IMG] states are compared too

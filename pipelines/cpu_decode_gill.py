@@ -1,0 +1,275 @@
+"""A fused CPU decoding step for Llama-family language models, in numpy.
+
+At batch 1 a cached step of a small LM is ~200 matrix-vector products plus thousands of tiny
+operators, and on CPU the tiny ones cost more than their arithmetic: an eager Hugging Face step of
+SmolLM2-135M spends ~3.4 ms in torch operators and ~4 ms in Python module calls around 13 ms of
+weight streaming (README, "Benchmarks"). `NumpyLlamaDecoder` runs the same step as one function
+over numpy views of the model's own weights: the products through numpy's BLAS exactly as
+`numpy_blas_linears` routes them (the same calls, so the same bits), RMSNorm, rotary embeddings,
+grouped-query attention over a preallocated KV cache and SwiGLU as a few numpy calls each, and peft
+LoRA layers as their two extra products. `fused_generate` is the greedy/sampled loop around it, with
+transformers' `LogitsProcessor`s and `StoppingCriteria` applied as `generate` applies them; the
+prompt's pass (with its images) stays with the model's own forward.
+
+Only what it reproduces is taken: a CPU float32 Llama (`model_type` "llama") with plain or LoRA
+projections without biases, SiLU, and rotary embeddings that depend on the position alone;
+`NumpyLlamaDecoder.unsupported(model)` names the first thing that does not fit, and the caller keeps
+`generate`. Elementwise operators are numpy's instead of torch's, so logits differ from the
+module path in the last bits (~1e-6 relative); greedy tokens are the same in the tests and the
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .cpu_blas_gill import blas_product
+
+_ROPE_BY_POSITION = ("default", "linear", "llama3")  # cos/sin depend on the position alone
+_SPARE_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM -> stacked q/k/v arrays not in use
+
+
+class _Projection:
+    """Bias-free linear layers stacked into one product (a single layer, or q/k/v: one matrix-vector
+    product streams the three weights faster than three), with each layer's LoRA pairs applied to its
+    slice of the output as peft does."""
+
+    def __init__(self, *modules: torch.nn.Module, out: np.ndarray | None = None):
+        bases = [getattr(module, "base_layer", module) for module in modules]
+        weights = [base.weight.detach().numpy() for base in bases]
+        self.weight = weights[0]  # a copy only when stacked, into `out` where it fits
+        if len(weights) > 1:
+            fits = out is not None and out.shape == (sum(w.shape[0] for w in weights), weights[0].shape[1])
+            self.weight = np.concatenate(weights, out=out if fits else None)
+        self.low_rank, start = [], 0
+        for module, base, weight in zip(modules, bases, weights):
+            rows = slice(start, start + weight.shape[0])
+            start = rows.stop
+            if base is module or module.merged or module.disable_adapters:
+                continue
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    self.low_rank.append((rows, module.lora_A[name].weight.detach().numpy(),
+                                          module.lora_B[name].weight.detach().numpy(), np.float32(module.scaling[name])))
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        out = blas_product(rows, self.weight)
+        for part, a, b, scaling in self.low_rank:  # peft's order: result + lora_B(lora_A(x)) * scaling
+            out[:, part] += blas_product(blas_product(rows, a), b) * scaling
+        return out
+
+
+def _projection_problem(module: torch.nn.Module) -> str | None:
+    base = getattr(module, "base_layer", module)
+    if type(base) is not torch.nn.Linear or base.bias is not None:
+        return f"{type(base).__name__} with a bias" if base.bias is not None else type(base).__name__
+    if base is not module:  # a peft LoRA layer: vanilla LoRA only, dropout inactive
+        if getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}) and any(module.lora_bias.values()):
+            return "a LoRA variant (DoRA, ...) or LoRA bias"
+        if any(type(layer) is not torch.nn.Linear or layer.bias is not None for layer in (*module.lora_A.values(), *module.lora_B.values())):
+            return "LoRA layers other than bias-free nn.Linear"
+        if module.training and any(not isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
+            return "LoRA dropout in training mode"
+    return None
+
+
+class NumpyLlamaDecoder:
+    """One cached decoding step of a Llama language model for a batch of rows, as numpy calls.
+
+    Build it from the LM (`LlamaForCausalLM`), hand it the KV cache of the prompt's pass with
+    `start`, then call `step(token_embeddings)` once per new token: it returns the last position's
+    logits and the hidden state of layer `hidden_layer` (transformers' indexing of
+    `output_hidden_states`: 0 the embeddings, -1 the final norm's output). It reads the weights
+    when it is built (q/k/v stacked into one copy per layer, the rest as views): build a new one
+    after changing them.
+    """
+
+    def __init__(self, lm: torch.nn.Module, hidden_layer: int = -1):
+        problem = self.unsupported(lm)
+        if problem is not None:
+            raise ValueError(f"NumpyLlamaDecoder cannot run this model: {problem}.")
+        self._build(lm, hidden_layer)
+
+    @classmethod
+    def for_model(cls, lm: torch.nn.Module, hidden_layer: int = -1) -> NumpyLlamaDecoder | None:
+        """The decoder for `lm`, or None where `unsupported(lm)` names a problem."""
+        if cls.unsupported(lm) is not None:
+            return None
+        decoder = cls.__new__(cls)
+        decoder._build(lm, hidden_layer)
+        return decoder
+
+    def _build(self, lm: torch.nn.Module, hidden_layer: int) -> None:
+        config, body = lm.config, lm.model
+        self.num_layers = config.num_hidden_layers
+        self.hidden_layer = hidden_layer % (self.num_layers + 1)
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = body.rotary_emb
+        # The stacked q/k/v copies (12% of SmolLM2's weights) are refilled at each build, into the
+        # arrays of an earlier decoder of the same LM where one is done with them: fresh ones cost
+        # ~30 ms of page faults, a refill ~4 ms.
+        spare = _SPARE_STACKS.setdefault(lm, [])
+        stacks = spare.pop() if spare else [None] * len(body.layers)
+        self.layers = []
+        for index, layer in enumerate(body.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            qkv = _Projection(attention.q_proj, attention.k_proj, attention.v_proj, out=stacks[index])
+            stacks[index] = qkv.weight
+            self.layers.append((
+                _norm(layer.input_layernorm), qkv, _Projection(attention.o_proj), _norm(layer.post_attention_layernorm),
+                *(_Projection(getattr(mlp, f"{p}_proj")) for p in ("gate", "up", "down")), np.float32(attention.scaling),
+            ))
+        weakref.finalize(self, spare.append, stacks)
+        self.final_norm = _norm(body.norm)
+        self.head = _Projection(lm.lm_head)
+
+    @staticmethod
+    def unsupported(lm: torch.nn.Module) -> str | None:
+        """Why the step cannot reproduce `lm` (None: it can)."""
+        config = getattr(lm, "config", None)
+        if getattr(config, "model_type", None) != "llama" or not hasattr(lm, "model") or not hasattr(lm, "lm_head"):
+            return f"model_type {getattr(config, 'model_type', None)!r} (only 'llama')"
+        params = list(lm.parameters())
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+            return "weights off the CPU or not float32"
+        if config.hidden_act != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+            return f"hidden_act {config.hidden_act!r} / pretraining_tp"
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") not in _ROPE_BY_POSITION:
+            return f"rope_type {rope.get('rope_type')!r}"
+        if any(map(_has_foreign_hooks, lm.modules())):
+            return "hooks or replaced forwards on its modules"
+        for layer in lm.model.layers:
+            for module in (*(getattr(layer.self_attn, f"{p}_proj") for p in "qkvo"),
+                           *(getattr(layer.mlp, f"{p}_proj") for p in ("gate", "up", "down"))):
+                problem = _projection_problem(module)
+                if problem is not None:
+                    return f"a projection is {problem}"
+        return _projection_problem(lm.lm_head)
+
+    def start(self, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor, max_new_tokens: int) -> None:
+        """Takes the prompt's KV cache (a `DynamicCache` after the prompt's pass), its 2-D attention
+        mask (left padding masked) and each row's first new position (`(batch,)`); room for
+        `max_new_tokens` steps."""
+        batch, prompt_length = attention_mask.shape
+        self.length, capacity = prompt_length, prompt_length + max_new_tokens
+        shape = (self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim)
+        self.keys, self.values = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        for index, layer in enumerate(cache.layers):
+            self.keys[index, :, :, :prompt_length] = layer.keys.numpy()
+            self.values[index, :, :, :prompt_length] = layer.values.numpy()
+        padded = (attention_mask == 0).numpy()
+        self.mask = None  # additive, only where a row has padding
+        if padded.any():
+            self.mask = np.zeros((batch, 1, 1, capacity), np.float32)
+            self.mask[:, 0, 0, :prompt_length][padded] = -np.inf
+        # the model's own rotary module, once for every position the steps will use
+        positions = next_positions[:, None] + torch.arange(max_new_tokens)
+        cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
+        self.cos, self.sin = cos.numpy()[:, :, None], sin.numpy()[:, :, None]  # (batch, steps, 1, head_dim)
+        self.steps = 0
+
+    def step(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feeds one token per row (`(batch, hidden)` input embeddings); returns the logits
+        `(batch, vocab)`, the final norm's output and the hidden state of `hidden_layer` (both
+        `(batch, hidden)`)."""
+        if self.steps == self.cos.shape[1]:
+            raise ValueError(f"The decoder was started for {self.steps} steps.")
+        x = embeddings.numpy()
+        batch, slot = x.shape[0], self.length
+        cos, sin = self.cos[:, self.steps], self.sin[:, self.steps]
+        captured = x if self.hidden_layer == 0 else None
+        half, group = self.head_dim // 2, self.num_heads // self.num_kv_heads
+        rotated = self.num_heads + self.num_kv_heads  # q and k heads, side by side in the stacked output
+        for index, (norm_1, qkv_proj, o_proj, norm_2, gate, up, down, scaling) in enumerate(self.layers):
+            h = norm_1(x)
+            qkv = qkv_proj(h).reshape(batch, rotated + self.num_kv_heads, self.head_dim)
+            qk = _rotate(qkv[:, :rotated], cos, sin, half)
+            q = qk[:, : self.num_heads]
+            keys, values = self.keys[index], self.values[index]
+            keys[:, :, slot], values[:, :, slot] = qk[:, self.num_heads :], qkv[:, rotated:]
+            # grouped-query attention: query head j reads key/value head j // group, as repeat_kv
+            scores = np.matmul(q.reshape(batch, self.num_kv_heads, group, self.head_dim),
+                               keys[:, :, : slot + 1].swapaxes(-1, -2)) * scaling
+            if self.mask is not None:
+                scores += self.mask[..., : slot + 1]
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            attended = np.matmul(scores, values[:, :, : slot + 1]).reshape(batch, -1)
+            x = x + o_proj(attended)
+            g = gate(h := norm_2(x))
+            x = x + down(g / (np.float32(1) + np.exp(-g)) * up(h))  # SiLU(gate) * up
+            if index + 1 == self.hidden_layer:
+                captured = x
+        x = self.final_norm(x)
+        if self.hidden_layer == self.num_layers:  # transformers' last hidden state is the final norm's output
+            captured = x
+        logits = self.head(x)
+        self.length, self.steps = slot + 1, self.steps + 1
+        return torch.from_numpy(logits), torch.from_numpy(x), torch.from_numpy(captured)
+
+
+def _has_foreign_hooks(module: torch.nn.Module) -> bool:
+    # transformers' own output-recording hooks (installed at a first forward) only read outputs
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return "forward" in vars(module) or any(getattr(hook, "__module__", "") != "transformers.utils.output_capturing" for hook in hooks)
+
+
+def _norm(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    weight, eps = module.weight.detach().numpy(), np.float32(module.variance_epsilon)
+    size = np.float32(weight.shape[0])
+
+    def rms_norm(x: np.ndarray) -> np.ndarray:  # np.mean's arithmetic without its Python layers
+        return weight * (x / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / size + eps))
+
+    return rms_norm
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, half: int) -> np.ndarray:
+    """transformers' `apply_rotary_pos_emb` for one position: x * cos + rotate_half(x) * sin."""
+    return x * cos + np.concatenate((-x[..., half:], x[..., :half]), axis=-1) * sin
+
+
+@torch.no_grad()
+def fused_generate(
+    model,
+    decoder: NumpyLlamaDecoder,
+    prompt_pass: Callable[[], object],
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    position_ids: torch.LongTensor,
+    max_new_tokens: int,
+    logits_processor: Callable[[torch.LongTensor, torch.Tensor], torch.Tensor],
+    stopping_criteria: Callable[[torch.LongTensor, torch.Tensor], torch.BoolTensor],
+    pad_token_id: int,
+) -> tuple[torch.LongTensor, list[torch.Tensor]]:
+    """transformers' greedy `generate` loop (the logits processors, then argmax, finished rows padded,
+    the stopping criteria; `LogitsProcessorList` / `StoppingCriteriaList`) with the cached steps run by
+    `decoder`. `prompt_pass()` runs the model's forward over the
+    prompt with a fresh `DynamicCache` and returns its output (`logits`, `cache`, `hidden_states`).
+    Returns the sequences (prompt included) and, per step after the prompt, the `(batch, hidden)`
+    hidden states of the decoder's `hidden_layer`, as `generate(output_hidden_states=True)` holds them."""
+    out = prompt_pass()
+    decoder.start(out.cache, attention_mask, position_ids[:, -1] + 1, max_new_tokens)
+    logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
+    sequences, step_states = input_ids, []
+    for _ in range(max_new_tokens):
+        scores = logits_processor(sequences, logits)
+        tokens = scores.argmax(-1).masked_fill(~unfinished, pad_token_id)
+        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+        unfinished &= ~stopping_criteria(sequences, scores)
+        if not unfinished.any() or sequences.shape[1] - input_ids.shape[1] == max_new_tokens:
+            break
+        lm_logits, last_hidden, hidden = decoder.step(model.embed_tokens(tokens[:, None])[:, 0])
+        step_states.append(hidden)
+        logits = model.compute_logits(last_hidden, lm_logits)
+    return sequences, step_states
+
+
+__all__ = ["NumpyLlamaDecoder", "fused_generate"]

@@ -1,0 +1,182 @@
+"""The fused numpy decoding step for Llama LMs (pipelines/cpu_decode_gill.py) against the model's own
+modules. Budget: about 3 s of tests (8 s with the imports) on 2 cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import HIDDEN, IMG_TOKEN_IDS, tiny_gill
+from torch_threads import torch_threads
+from transformers import DynamicCache, LlamaConfig
+
+from gill_hf.modeling.lora_gill import apply_lora
+from gill_hf.pipelines import cpu_decode_gill
+from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears
+from gill_hf.pipelines.cpu_decode_gill import NumpyLlamaDecoder
+from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
+
+ROPES = {"default": {"rope_type": "default", "rope_theta": 10000.0},
+         "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+         "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16, "rope_theta": 500000.0}}
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    with torch_threads(2):
+        yield
+
+
+def gqa_gill(rope: str = "default", seed: int = 3, tie: bool = False):
+    """A tiny GILL on a Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    text = LlamaConfig(vocab_size=320, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=2,
+                       eos_token_id=3, pad_token_id=None, rope_parameters=ROPES[rope])
+    return tiny_gill("llama", seed=seed, text_config=text)
+
+
+def padded_prompts(length: int = 9):
+    input_ids = torch.randint(4, 290, (3, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :1] = 0
+    return input_ids, mask
+
+
+def token_ids(model) -> GillTokenIds:
+    return GillTokenIds(img_token_ids=IMG_TOKEN_IDS, image_token_id=model.config.image_token_id,
+                        vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=0, newline_token_id=None)
+
+
+def module_steps(lm, input_ids, mask, tokens, layer):
+    """The LM's own cached steps (numpy's BLAS for its products, as the fused step): logits and layer states."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, out = DynamicCache(config=lm.config), []
+    lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    for step, token in enumerate(tokens):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        result = lm(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, -1:] + 1 + step, cache=cache,
+                    use_cache=True, output_hidden_states=True)
+        out.append((result.logits[:, -1], result.hidden_states[layer][:, -1]))
+    return out
+
+
+def fused_steps(lm, input_ids, mask, tokens, layer):
+    decoder = NumpyLlamaDecoder(lm, layer)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=lm.config)
+    with numpy_blas_linears(lm):
+        lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        decoder.start(cache, mask, positions[:, -1] + 1, len(tokens))
+        out = []
+        for token in tokens:
+            logits, _, hidden = decoder.step(lm.get_input_embeddings()(token))
+            out.append((logits, hidden))
+    return out
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+@pytest.mark.parametrize("layer", [-1, 0, 2])
+@torch.no_grad()
+def test_each_step_matches_the_models_own_modules(rope, layer):
+    lm = gqa_gill(rope).language_model
+    input_ids, mask = padded_prompts()
+    tokens = list(torch.randint(4, 290, (6, 3), generator=torch.Generator().manual_seed(2)))
+    with numpy_blas_linears(lm):
+        expected = module_steps(lm, input_ids, mask, tokens, layer)
+    for (logits, hidden), (want_logits, want_hidden) in zip(fused_steps(lm, input_ids, mask, tokens, layer), expected, strict=True):
+        torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_lora_layers_are_applied_as_peft_applies_them():
+    model = gqa_gill()
+    apply_lora(model, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    for name, param in model.language_model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: give the adapters an effect
+            param.normal_(std=0.5)
+    lm, (input_ids, mask) = model.language_model, padded_prompts()
+    tokens = list(torch.randint(4, 290, (4, 3), generator=torch.Generator().manual_seed(2)))
+    with numpy_blas_linears(lm):
+        expected = module_steps(lm, input_ids, mask, tokens, -1)
+    got = fused_steps(lm, input_ids, mask, tokens, -1)
+    for (logits, _), (want, _) in zip(got, expected, strict=True):
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    for module in lm.modules():  # adapters off: the base weights alone, on both paths
+        if hasattr(module, "lora_A"):
+            module.enable_adapters(False)
+    plain = fused_steps(lm, input_ids, mask, tokens, -1)
+    assert not torch.allclose(plain[0][0], got[0][0], atol=1e-3)
+    with numpy_blas_linears(lm):
+        torch.testing.assert_close(plain[0][0], module_steps(lm, input_ids, mask, tokens, -1)[0][0], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_decoder_built_after_new_weights_reads_them_not_an_earlier_decoders_copy():
+    lm = gqa_gill().language_model
+    input_ids, mask = padded_prompts()
+    tokens = [torch.tensor([5, 6, 7])]
+    before = fused_steps(lm, input_ids, mask, tokens, -1)  # its stacked q/k/v arrays go back to the spares
+    assert cpu_decode_gill._SPARE_STACKS.get(lm)
+    lm.model.layers[0].self_attn.k_proj.weight.mul_(3.0)  # in place: same storage
+    after = fused_steps(lm, input_ids, mask, tokens, -1)
+    with numpy_blas_linears(lm):
+        want = module_steps(lm, input_ids, mask, tokens, -1)
+    assert not torch.allclose(before[0][0], after[0][0], atol=1e-3)
+    torch.testing.assert_close(after[0][0], want[0][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(max_new_tokens=20, gen_scale_factor=3.0),  # blocks chosen: [IMG] states compared
+    dict(max_new_tokens=6, decoding="reference", ret_scale_factor=1.3, min_word_tokens=1),
+    dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9),
+])
+def test_gill_decode_gives_the_same_answers_as_generate(settings, monkeypatch):
+    model = gqa_gill(tie=True)
+    input_ids, mask = padded_prompts()
+    steps = []
+    step = NumpyLlamaDecoder.step
+    monkeypatch.setattr(NumpyLlamaDecoder, "step", lambda self, e: steps.append(1) or step(self, e))
+    results = {}
+    for fused in (False, True):
+        generators = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+        options = GillDecodingOptions(fused_step=fused, **settings)
+        results[fused] = gill_decode(model, input_ids, mask, None, options, token_ids(model), generators)
+        assert bool(steps) == fused
+    if "gen_scale_factor" in settings:
+        assert sum(len(row.block_starts) for row in results[True]) > 0
+    for module_row, fused_row in zip(results[False], results[True]):
+        assert fused_row.token_ids == module_row.token_ids and fused_row.block_starts == module_row.block_starts
+        torch.testing.assert_close(fused_row.img_hidden_states, module_row.img_hidden_states, rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_prompt_decodes_the_same():
+    model = gqa_gill()
+    n = model.config.num_visual_tokens
+    input_ids = torch.cat([torch.full((1, n), model.config.image_token_id), torch.randint(4, 290, (1, 5))], dim=-1)
+    pixel_values = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    answers = [gill_decode(model, input_ids, torch.ones_like(input_ids), pixel_values,
+                           GillDecodingOptions(max_new_tokens=15, gen_scale_factor=3.0, fused_step=fused), token_ids(model), [None])[0]
+               for fused in (False, True)]
+    assert answers[0].token_ids == answers[1].token_ids and len(answers[0].token_ids) == 15
+
+
+@torch.no_grad()
+def test_what_it_cannot_reproduce_is_named_and_left_to_generate(monkeypatch):
+    assert NumpyLlamaDecoder.unsupported(gqa_gill().language_model) is None
+    assert "model_type 'opt'" in NumpyLlamaDecoder.unsupported(tiny_gill("opt").language_model)
+    assert "float32" in NumpyLlamaDecoder.unsupported(gqa_gill().language_model.to(torch.bfloat16))
+    lm = gqa_gill().language_model
+    handle = lm.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out * 2)
+    assert "hooks" in NumpyLlamaDecoder.unsupported(lm)
+    handle.remove()
+    lm.model.layers[0].mlp.down_proj = torch.nn.Linear(64, HIDDEN, bias=True)
+    assert "bias" in NumpyLlamaDecoder.unsupported(lm)
+    with pytest.raises(ValueError, match="cannot run this model: .*bias"):
+        NumpyLlamaDecoder(lm)
+    monkeypatch.setattr(NumpyLlamaDecoder, "step", lambda *args: pytest.fail("the fused step ran"))
+    model = tiny_gill("opt")
+    input_ids, mask = padded_prompts()
+    rows = gill_decode(model, input_ids, mask, None, GillDecodingOptions(max_new_tokens=4), token_ids(model), [None] * 3)
+    assert [len(row.token_ids) for row in rows] == [4, 4, 4]
