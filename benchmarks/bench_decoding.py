@@ -11,8 +11,11 @@ pipeline's path before numpy's BLAS).
 Rows:
   gill_decode, torch matmuls   the pipeline's decoding before numpy's BLAS (`numpy_blas=False`): the
                        reference tokens every other row is compared with
-  gill_decode          the pipeline's decoding today (transformers `generate` + GILL's logits
-                       processors, CPU float32 matmuls through numpy's BLAS)
+  gill_decode, module step     transformers `generate` + GILL's logits processors, CPU float32
+                       matmuls through numpy's BLAS (`fused_step=False`: the default before the fused step)
+  gill_decode          the pipeline's decoding today: the prompt's pass as above, then each cached
+                       step as one fused numpy function (`cpu_decode_gill.NumpyLlamaDecoder`) inside
+                       GILL's own copy of the generate loop
   generate             the bare LM's `generate` (DynamicCache)
   generate, static     `generate(cache_implementation="static")`
   loop, dynamic        a hand-written greedy loop over the LM's forward with a DynamicCache: no
@@ -28,9 +31,11 @@ of 1 token), which leaves the prefill out (it is the first-token latency). The r
 measured before the first row and after every row, and each row's floor uses the mean of the readings
 just before and after it: this machine's readings drift by up to 1.8x within minutes (other tenants).
 
-Then (`--profile`) where a cached step's time goes: numpy's BLAS products (timed around each call),
-torch's operators (torch.profiler, by self CPU time) and the rest (Python), and (`--kernels`) the LM's
-matmuls alone in four forms.
+Then (`--profile`) where a token's time goes: in the pipeline's decoding, the fused step's BLAS
+products (timed around each call), its other numpy work, and the loop around it (GILL's logits
+processors, embeddings, stopping); in a module step (loop, DynamicCache), the BLAS products, torch's
+operators (torch.profiler, by self CPU time) and the rest (Python). `--kernels`: the LM's matmuls
+alone in four forms.
 
     python benchmarks/bench_decoding.py --threads 2                      # idle machine
     python benchmarks/bench_decoding.py --threads 2 --compile --bf16 --profile --kernels
@@ -90,10 +95,10 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
                              vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=tokenizer.eos_token_id,
                              newline_token_id=None)
 
-    def pipeline(numpy_blas: bool):
+    def pipeline(numpy_blas: bool, fused_step: bool):
         def run(n):
             # text only and no stop, as the other rows: [IMG0] masked for all n tokens
-            options = GillDecodingOptions(max_new_tokens=n, min_word_tokens=n, numpy_blas=numpy_blas)
+            options = GillDecodingOptions(max_new_tokens=n, min_word_tokens=n, numpy_blas=numpy_blas, fused_step=fused_step)
             return gill_decode(model, ids, mask, None, options, token_ids, [None])[0].token_ids
 
         return run
@@ -109,7 +114,8 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
             "loop, dynamic": loop(lambda n: DynamicCache(config=lm.config), plain_forward), "loop, static": loop(static, plain_forward)}
     if compile_step:
         rows["loop, static, compiled"] = loop(static, torch.compile(plain_forward, dynamic=False))
-    return {"gill_decode, torch matmuls": pipeline(False), "gill_decode": pipeline(True),
+    return {"gill_decode, torch matmuls": pipeline(False, False), "gill_decode, module step": pipeline(True, False),
+            "gill_decode": pipeline(True, True),
             **{name: with_numpy_blas(run) for name, run in rows.items()}}
 
 
@@ -140,7 +146,60 @@ def bench(dtype: torch.dtype, args) -> None:
         print(f"{name:<26} | {rate:>6.1f} | {rate / floor:>6.1%} | {decode_rate:>12.1f} | {decode_rate / floor:>6.1%} | "
               f"{first:>13.3f} | {warm_up:>9.1f} | {row_bandwidth / 1e9:>5.1f} | {floor:>5.1f} | {verdict}")
     if args.profile and dtype == torch.float32:  # numpy's BLAS is float32 only
+        profile_fused_step(model, ids, args.repeat, args.new_tokens)
         profile_step(model, ids, args.repeat)
+
+
+def profile_fused_step(model, ids: torch.Tensor, repeat: int, new_tokens: int) -> None:
+    """Where a token of the pipeline's decoding goes (`gill_decode`, fused step, `new_tokens` tokens, the
+    median of `repeat` runs): the step's BLAS products (timed around each call), the step's other
+    numpy work, and the loop around the step (GILL's processors, embeddings, logits columns, stopping)."""
+    from gill_hf.pipelines import cpu_decode_gill
+    from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
+
+    lm, mask = model.language_model, torch.ones_like(ids)
+    token_ids = GillTokenIds(img_token_ids=list(model.config.img_token_ids), image_token_id=model.config.image_token_id,
+                             vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=0, newline_token_id=None)
+    totals = {"blas": 0.0, "step": 0.0, "steps": 0}
+    blas_product, step = cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step
+
+    def timed_blas(rows, matrix):
+        start = time.perf_counter()
+        out = blas_product(rows, matrix)
+        totals["blas"] += time.perf_counter() - start
+        return out
+
+    def timed_step(self, embeddings):
+        start = time.perf_counter()
+        out = step(self, embeddings)
+        totals["step"], totals["steps"] = totals["step"] + time.perf_counter() - start, totals["steps"] + 1
+        return out
+
+    def run(n):
+        options = GillDecodingOptions(max_new_tokens=n, min_word_tokens=n)
+        gill_decode(model, ids, mask, None, options, token_ids, [None])
+
+    cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step = timed_blas, timed_step
+    try:
+        samples = []
+        for _ in range(repeat + 1):  # the first is a warm-up
+            run(1)
+            first = time.perf_counter()
+            run(1)
+            first = time.perf_counter() - first
+            totals.update(blas=0.0, step=0.0, steps=0)
+            start = time.perf_counter()
+            run(new_tokens)
+            per_token = (time.perf_counter() - start - first) / totals["steps"]
+            samples.append((per_token, totals["step"] / totals["steps"], totals["blas"] / totals["steps"]))
+    finally:
+        cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step = blas_product, step
+    per_token, step_seconds, blas = sorted(samples[1:])[repeat // 2]
+    bandwidth = read_bandwidth(repeat)
+    print(f"\none token of the pipeline's decoding (fused step), median of {repeat}: {per_token * 1e3:.1f} ms = BLAS products "
+          f"{blas * 1e3:.1f} ms ({weight_bytes(lm) / blas / 1e9:.1f} GB/s; the prompt's pass excluded) + the step's other numpy "
+          f"work {(step_seconds - blas) * 1e3:.1f} ms + the loop around it {(per_token - step_seconds) * 1e3:.1f} ms; read "
+          f"bandwidth just after {bandwidth / 1e9:.1f} GB/s, so the weights alone take {weight_bytes(lm) / bandwidth * 1e3:.1f} ms")
 
 
 def profile_step(model, ids: torch.Tensor, repeat: int, steps: int = 8) -> None:
@@ -179,7 +238,7 @@ def profile_step(model, ids: torch.Tensor, repeat: int, steps: int = 8) -> None:
         cpu_blas_gill.numpy_linear = numpy_linear
     averages, bandwidth = prof.key_averages(), read_bandwidth(repeat)
     operators = sum(event.self_cpu_time_total for event in averages) / 1e6 / steps
-    print(f"\none cached step (loop, dynamic, numpy's BLAS), mean of {steps}: {step * 1e3:.1f} ms = BLAS products "
+    print(f"\none cached module step (loop, dynamic, numpy's BLAS), mean of {steps}: {step * 1e3:.1f} ms = BLAS products "
           f"{blas * 1e3:.1f} ms ({weight_bytes(lm) / blas / 1e9:.1f} GB/s) + torch operators ~{operators * 1e3:.1f} ms "
           f"(measured under the profiler) + the rest ~{(step - blas - operators) * 1e3:.1f} ms; read bandwidth just after "
           f"{bandwidth / 1e9:.1f} GB/s, so the weights alone take {weight_bytes(lm) / bandwidth * 1e3:.1f} ms")

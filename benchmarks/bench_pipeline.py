@@ -6,8 +6,9 @@ configuration beside them.
     SmolLM2-135M (the embedded LLM), 64-token prompt; outputs
     compared token by token; the memory-bandwidth floor (measured read bandwidth / weight bytes per
     token) and the fraction of it reached (`bench_decoding.py` takes decoding options one by one).
-(b) pipeline end-to-end time over the sum of its bare parts (LM generate + mapper +
-    StableDiffusionPipeline with the same prompt_embeds).
+(b) pipeline end-to-end time over the sum of its bare parts (the LM's greedy decoding without GILL's
+    rules, by the same engine as the pipeline's + mapper + StableDiffusionPipeline with the same
+    prompt_embeds).
 (c) retrieval: single-query top-5 latency, memory-mapped load time and batched queries/s for
     indexes of 10 k / 100 k / 1 M entries of dim 256 (fp32).
 (d) batched serving on GILL-tiny: 8 prompts of different lengths in one call (one padded decoding
@@ -29,9 +30,11 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from gill_hf import GillConfig, GillForConditionalGeneration, GillProcessor
 from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears
+from gill_hf.pipelines.cpu_decode_gill import NumpyLlamaDecoder, fused_generate
 from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
 from gill_hf.retrieval import GillRetrievalIndex
 
@@ -191,15 +194,27 @@ def bench_pipeline(dtype: torch.dtype, steps: int) -> None:
     n_new = len(out.token_ids[0])
     inputs = processor(text=prompt)
 
-    def bare():
-        # n_new + 1 passes: the answer ends with its [IMG] block, whose last token must be fed through the LM
-        # too for its hidden state (hidden_states[s] is the pass that fed token s), as the pipeline does
+    def bare_decode() -> torch.Tensor:
+        """The LM's greedy answer of n_new + 1 tokens, no GILL rules, decoded as the pipeline decodes (the
+        fused step where the LM takes it); the hidden states of its last 8 tokens. n_new + 1: the answer
+        ends with its [IMG] block, whose last token must be fed through the LM too for its hidden state."""
+        decoder = NumpyLlamaDecoder.for_model(model.language_model)
         with torch.no_grad(), numpy_blas_linears(model):  # the matmuls the pipeline's decoding uses
-            gen = model.generate(**inputs, max_new_tokens=n_new + 1, min_new_tokens=n_new + 1, do_sample=False,
-                                 output_hidden_states=True, return_dict_in_generate=True,
-                                 pad_token_id=processor.tokenizer.pad_token_id)
-            hidden = torch.stack([step[-1][:, -1] for step in gen.hidden_states[-8:]], dim=1)
-            prompt_embeds = model.get_prompt_embeds(hidden)
+            if decoder is None:
+                gen = model.generate(**inputs, max_new_tokens=n_new + 1, min_new_tokens=n_new + 1, do_sample=False,
+                                     output_hidden_states=True, return_dict_in_generate=True,
+                                     pad_token_id=processor.tokenizer.pad_token_id)
+                return torch.stack([step[-1][:, -1] for step in gen.hidden_states[-8:]], dim=1)
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            _, states = fused_generate(
+                model, decoder, lambda: model(**inputs, cache=DynamicCache(config=model.config.text_config), use_cache=True),
+                ids, mask, mask.cumsum(-1) - 1, n_new + 1, lambda sequences, logits: logits,
+                lambda sequences, logits: torch.zeros(len(sequences), dtype=torch.bool), processor.tokenizer.pad_token_id)
+            return torch.stack(states[-8:], dim=1)
+
+    def bare():
+        with torch.no_grad():
+            prompt_embeds = model.get_prompt_embeds(bare_decode())
             sd(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, generator=torch.Generator().manual_seed(0),
                output_type="pt", **settings)
 

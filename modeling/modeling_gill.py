@@ -458,7 +458,7 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         return_dict = kwargs.pop("return_dict", None)
-        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
         outputs, _ = self._run_lm(
             inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs

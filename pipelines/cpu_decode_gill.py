@@ -7,7 +7,7 @@ weight streaming (README, "Benchmarks"). `NumpyLlamaDecoder` runs the same step 
 over numpy views of the model's own weights: the products through numpy's BLAS exactly as
 `numpy_blas_linears` routes them (the same calls, so the same bits), RMSNorm, rotary embeddings,
 grouped-query attention over a preallocated KV cache and SwiGLU as a few numpy calls each, and peft
-LoRA layers as their two extra products. `fused_generate` is the greedy/sampled loop around it, with
+LoRA layers as their two extra products. `fused_generate` is `generate`'s loop around it, with
 transformers' `LogitsProcessor`s and `StoppingCriteria` applied as `generate` applies them; the
 prompt's pass (with its images) stays with the model's own forward.
 
@@ -65,8 +65,10 @@ class _Projection:
 
 def _projection_problem(module: torch.nn.Module) -> str | None:
     base = getattr(module, "base_layer", module)
-    if type(base) is not torch.nn.Linear or base.bias is not None:
-        return f"{type(base).__name__} with a bias" if base.bias is not None else type(base).__name__
+    if type(base) is not torch.nn.Linear:
+        return type(base).__name__
+    if base.bias is not None:
+        return "nn.Linear with a bias"
     if base is not module:  # a peft LoRA layer: vanilla LoRA only, dropout inactive
         if getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}) and any(module.lora_bias.values()):
             return "a LoRA variant (DoRA, ...) or LoRA bias"
@@ -106,6 +108,8 @@ class NumpyLlamaDecoder:
     def _build(self, lm: torch.nn.Module, hidden_layer: int) -> None:
         config, body = lm.config, lm.model
         self.num_layers = config.num_hidden_layers
+        if not -self.num_layers - 1 <= hidden_layer <= self.num_layers:
+            raise ValueError(f"`hidden_layer` must index the LM's {self.num_layers + 1} hidden states, got {hidden_layer}.")
         self.hidden_layer = hidden_layer % (self.num_layers + 1)
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -248,12 +252,13 @@ def fused_generate(
     stopping_criteria: Callable[[torch.LongTensor, torch.Tensor], torch.BoolTensor],
     pad_token_id: int,
 ) -> tuple[torch.LongTensor, list[torch.Tensor]]:
-    """transformers' greedy `generate` loop (the logits processors, then argmax, finished rows padded,
-    the stopping criteria; `LogitsProcessorList` / `StoppingCriteriaList`) with the cached steps run by
-    `decoder`. `prompt_pass()` runs the model's forward over the
-    prompt with a fresh `DynamicCache` and returns its output (`logits`, `cache`, `hidden_states`).
-    Returns the sequences (prompt included) and, per step after the prompt, the `(batch, hidden)`
-    hidden states of the decoder's `hidden_layer`, as `generate(output_hidden_states=True)` holds them."""
+    """transformers' greedy `generate` loop (the logits processors, argmax, finished rows padded, the
+    stopping criteria; a sampling processor leaves one finite logit per row) with the cached steps run
+    by `decoder`, for GILL's `model` (its `embed_tokens` and `compute_logits` around each step).
+    `prompt_pass()` runs the model's forward over the prompt with a fresh `DynamicCache` and returns
+    its output (`logits`, `cache`). Returns the sequences (prompt included) and, per step after the
+    prompt, the `(batch, hidden)` hidden states of the decoder's `hidden_layer`, as
+    `generate(output_hidden_states=True)` holds them."""
     out = prompt_pass()
     decoder.start(out.cache, attention_mask, position_ids[:, -1] + 1, max_new_tokens)
     logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)

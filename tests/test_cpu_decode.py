@@ -180,3 +180,11 @@ def test_what_it_cannot_reproduce_is_named_and_left_to_generate(monkeypatch):
     input_ids, mask = padded_prompts()
     rows = gill_decode(model, input_ids, mask, None, GillDecodingOptions(max_new_tokens=4), token_ids(model), [None] * 3)
     assert [len(row.token_ids) for row in rows] == [4, 4, 4]
+
+
+def test_a_hidden_layer_outside_the_lm_is_refused():
+    lm = gqa_gill().language_model  # 3 layers: hidden states 0..3, or -4..-1
+    assert NumpyLlamaDecoder(lm, -4).hidden_layer == 0 and NumpyLlamaDecoder(lm, 3).hidden_layer == 3
+    for layer in (4, -5):
+        with pytest.raises(ValueError, match="`hidden_layer` must index the LM's 4 hidden states"):
+            NumpyLlamaDecoder(lm, layer)
