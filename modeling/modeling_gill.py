@@ -437,15 +437,18 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         embeds = self.embed_tokens(input_ids.masked_fill(placeholder, 0))
         return embeds.masked_scatter(placeholder[..., None], prefix.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
-    def _run_lm(self, inputs_embeds: torch.Tensor, **kwargs):
+    def check_sequence_length(self, length: int) -> None:
+        """Raises a `ValueError` when `length` positions (visual prefixes included) exceed the LM's context."""
         context = getattr(self.config.text_config, "max_position_embeddings", None)
-        cache = kwargs.get("cache")
-        length = inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0)
         if context is not None and length > context:
             raise ValueError(
                 f"The sequence ({length} positions, visual prefixes included) is longer than the LM's context "
                 f"of {context}: shorten `input_ids` (GillProcessor(..., max_length=..., truncation=True))."
             )
+
+    def _run_lm(self, inputs_embeds: torch.Tensor, **kwargs):
+        cache = kwargs.get("cache")
+        self.check_sequence_length(inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0))
         outputs = self.language_model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
         return outputs, outputs.hidden_states[self.config.text_emb_layers[0]]
 

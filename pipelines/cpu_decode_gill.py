@@ -12,9 +12,9 @@ transformers' `LogitsProcessor`s and `StoppingCriteria` applied as `generate` ap
 prompt's pass (with its images) stays with the model's own forward.
 
 Only what it reproduces is taken: a CPU float32 Llama (`model_type` "llama") with plain or LoRA
-projections without biases, SiLU, and rotary embeddings that depend on the position alone;
-`NumpyLlamaDecoder.unsupported(model)` names the first thing that does not fit, and the caller keeps
-`generate`. Elementwise operators are numpy's instead of torch's, so logits differ from the
+projections without biases, SiLU, full attention, and rotary embeddings that depend on the position
+alone; `NumpyLlamaDecoder.unsupported(model)` names the first thing that does not fit, and the caller
+keeps `generate`. Elementwise operators are numpy's instead of torch's, so logits differ from the
 module path in the last bits (~1e-6 relative); greedy tokens are the same in the tests and the
 benchmarks.
 """
@@ -29,8 +29,8 @@ import torch
 
 from .cpu_blas_gill import blas_product
 
-_ROPE_BY_POSITION = ("default", "linear", "llama3")  # cos/sin depend on the position alone
-_SPARE_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM -> stacked q/k/v arrays not in use
+_ROPE_BY_POSITION = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
+_SPARE_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM -> [stacked q/k/v arrays not in use]
 
 
 class _Projection:
@@ -76,6 +76,8 @@ def _projection_problem(module: torch.nn.Module) -> str | None:
             return "LoRA layers other than bias-free nn.Linear"
         if module.training and any(not isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
             return "LoRA dropout in training mode"
+        if module.merged and module.disable_adapters:  # peft unmerges at its next forward: the weight is about to change
+            return "merged LoRA with the adapters disabled"
     return None
 
 
@@ -118,7 +120,8 @@ class NumpyLlamaDecoder:
         # arrays of an earlier decoder of the same LM where one is done with them: fresh ones cost
         # ~30 ms of page faults, a refill ~4 ms.
         spare = _SPARE_STACKS.setdefault(lm, [])
-        stacks = spare.pop() if spare else [None] * len(body.layers)
+        stacks = spare.pop() if spare else []
+        stacks = stacks if len(stacks) == len(body.layers) else [None] * len(body.layers)
         self.layers = []
         for index, layer in enumerate(body.layers):
             attention, mlp = layer.self_attn, layer.mlp
@@ -128,27 +131,34 @@ class NumpyLlamaDecoder:
                 _norm(layer.input_layernorm), qkv, _Projection(attention.o_proj), _norm(layer.post_attention_layernorm),
                 *(_Projection(getattr(mlp, f"{p}_proj")) for p in ("gate", "up", "down")), np.float32(attention.scaling),
             ))
-        weakref.finalize(self, spare.append, stacks)
+        weakref.finalize(self, _keep_spare, spare, stacks)
         self.final_norm = _norm(body.norm)
         self.head = _Projection(lm.lm_head)
 
     @staticmethod
     def unsupported(lm: torch.nn.Module) -> str | None:
         """Why the step cannot reproduce `lm` (None: it can)."""
-        config = getattr(lm, "config", None)
-        if getattr(config, "model_type", None) != "llama" or not hasattr(lm, "model") or not hasattr(lm, "lm_head"):
-            return f"model_type {getattr(config, 'model_type', None)!r} (only 'llama')"
-        params = list(lm.parameters())
-        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        config, body = getattr(lm, "config", None), getattr(lm, "model", None)
+        if getattr(config, "model_type", None) != "llama" or not all(
+                hasattr(part, name) for part, name in ((lm, "lm_head"), (body, "layers"), (body, "norm"), (body, "rotary_emb"))):
+            return f"not a LlamaForCausalLM (model_type {getattr(config, 'model_type', None)!r})"
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in lm.parameters()):
             return "weights off the CPU or not float32"
-        if config.hidden_act != "silu" or getattr(config, "pretraining_tp", 1) != 1:
-            return f"hidden_act {config.hidden_act!r} / pretraining_tp"
+        if config.hidden_act not in ("silu", "swish") or len(body.layers) != config.num_hidden_layers:
+            return f"hidden_act {config.hidden_act!r} or a layer count other than the config's"
+        if getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None) or any(
+                kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+            return "attention over a window or chunks of the sequence"
+        if getattr(config, "tie_last_hidden_states", True) is False:
+            return "tie_last_hidden_states=False (its last hidden state is not the final norm's output)"
+        if lm.training and getattr(config, "attention_dropout", 0.0):
+            return "attention dropout in training mode"
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") not in _ROPE_BY_POSITION:
             return f"rope_type {rope.get('rope_type')!r}"
         if any(map(_has_foreign_hooks, lm.modules())):
             return "hooks or replaced forwards on its modules"
-        for layer in lm.model.layers:
+        for layer in body.layers:
             for module in (*(getattr(layer.self_attn, f"{p}_proj") for p in "qkvo"),
                            *(getattr(layer.mlp, f"{p}_proj") for p in ("gate", "up", "down"))):
                 problem = _projection_problem(module)
@@ -165,6 +175,8 @@ class NumpyLlamaDecoder:
         shape = (self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim)
         self.keys, self.values = np.empty(shape, np.float32), np.empty(shape, np.float32)
         for index, layer in enumerate(cache.layers):
+            if layer.keys.shape[-2] != prompt_length:
+                raise ValueError(f"The cache holds {layer.keys.shape[-2]} positions of a {prompt_length}-token prompt.")
             self.keys[index, :, :, :prompt_length] = layer.keys.numpy()
             self.values[index, :, :, :prompt_length] = layer.values.numpy()
         padded = (attention_mask == 0).numpy()
@@ -216,6 +228,11 @@ class NumpyLlamaDecoder:
         logits = self.head(x)
         self.length, self.steps = slot + 1, self.steps + 1
         return torch.from_numpy(logits), torch.from_numpy(x), torch.from_numpy(captured)
+
+
+def _keep_spare(spare: list, stacks: list) -> None:
+    if not spare:  # one set per LM: decoders alive at once do not leave a copy each behind
+        spare.append(stacks)
 
 
 def _has_foreign_hooks(module: torch.nn.Module) -> bool:
@@ -271,6 +288,7 @@ def fused_generate(
         unfinished &= ~stopping_criteria(sequences, scores)
         if not unfinished.any() or sequences.shape[1] - input_ids.shape[1] == max_new_tokens:
             break
+        model.check_sequence_length(sequences.shape[1])  # as the model's forward checks each step
         lm_logits, last_hidden, hidden = decoder.step(model.embed_tokens(tokens[:, None])[:, 0])
         step_states.append(hidden)
         logits = model.compute_logits(last_hidden, lm_logits)

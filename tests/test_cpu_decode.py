@@ -18,7 +18,8 @@ from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, g
 ROPES = {"default": {"rope_type": "default", "rope_theta": 10000.0},
          "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
          "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 16, "rope_theta": 500000.0}}
+                    "original_max_position_embeddings": 16, "rope_theta": 500000.0},
+         "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}}
 
 
 @pytest.fixture(autouse=True)
@@ -27,11 +28,12 @@ def two_threads():
         yield
 
 
-def gqa_gill(rope: str = "default", seed: int = 3, tie: bool = False):
+def gqa_gill(rope: str = "default", seed: int = 3, tie: bool = False, **text_overrides):
     """A tiny GILL on a Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
-    text = LlamaConfig(vocab_size=320, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=2,
-                       eos_token_id=3, pad_token_id=None, rope_parameters=ROPES[rope])
+    fields = dict(vocab_size=320, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=2, eos_token_id=3,
+                  pad_token_id=None, rope_parameters=ROPES[rope])
+    text = LlamaConfig(**{**fields, **text_overrides})
     return tiny_gill("llama", seed=seed, text_config=text)
 
 
@@ -110,6 +112,13 @@ def test_lora_layers_are_applied_as_peft_applies_them():
     assert not torch.allclose(plain[0][0], got[0][0], atol=1e-3)
     with numpy_blas_linears(lm):
         torch.testing.assert_close(plain[0][0], module_steps(lm, input_ids, mask, tokens, -1)[0][0], rtol=1e-5, atol=1e-5)
+    lora_layers = [module for module in lm.modules() if hasattr(module, "lora_A")]
+    for module in lora_layers:  # merged, adapters on: the base weight holds the adapters
+        module.enable_adapters(True)
+        module.merge()
+    torch.testing.assert_close(fused_steps(lm, input_ids, mask, tokens, -1)[0][0], got[0][0], rtol=1e-4, atol=1e-4)
+    lora_layers[0].enable_adapters(False)  # merged but disabled: peft would unmerge at the next forward
+    assert "merged LoRA with the adapters disabled" in NumpyLlamaDecoder.unsupported(lm)
 
 
 @torch.no_grad()
@@ -118,7 +127,11 @@ def test_a_decoder_built_after_new_weights_reads_them_not_an_earlier_decoders_co
     input_ids, mask = padded_prompts()
     tokens = [torch.tensor([5, 6, 7])]
     before = fused_steps(lm, input_ids, mask, tokens, -1)  # its stacked q/k/v arrays go back to the spares
-    assert cpu_decode_gill._SPARE_STACKS.get(lm)
+    assert len(cpu_decode_gill._SPARE_STACKS[lm]) == 1
+    alive = [NumpyLlamaDecoder(lm) for _ in range(3)]  # one takes the spare set, two build their own
+    assert not cpu_decode_gill._SPARE_STACKS[lm] and len({id(d.layers[0][1].weight) for d in alive}) == 3
+    del alive
+    assert len(cpu_decode_gill._SPARE_STACKS[lm]) == 1  # one set kept, not one per decoder
     lm.model.layers[0].self_attn.k_proj.weight.mul_(3.0)  # in place: same storage
     after = fused_steps(lm, input_ids, mask, tokens, -1)
     with numpy_blas_linears(lm):
@@ -166,6 +179,9 @@ def test_an_image_prompt_decodes_the_same():
 def test_what_it_cannot_reproduce_is_named_and_left_to_generate(monkeypatch):
     assert NumpyLlamaDecoder.unsupported(gqa_gill().language_model) is None
     assert "model_type 'opt'" in NumpyLlamaDecoder.unsupported(tiny_gill("opt").language_model)
+    assert "window" in NumpyLlamaDecoder.unsupported(gqa_gill(sliding_window=4).language_model)
+    assert "tie_last_hidden_states" in NumpyLlamaDecoder.unsupported(gqa_gill(tie_last_hidden_states=False).language_model)
+    assert "not a LlamaForCausalLM" in NumpyLlamaDecoder.unsupported(gqa_gill().language_model.model)  # the bare body
     assert "float32" in NumpyLlamaDecoder.unsupported(gqa_gill().language_model.to(torch.bfloat16))
     lm = gqa_gill().language_model
     handle = lm.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out * 2)
@@ -188,3 +204,14 @@ def test_a_hidden_layer_outside_the_lm_is_refused():
     for layer in (4, -5):
         with pytest.raises(ValueError, match="`hidden_layer` must index the LM's 4 hidden states"):
             NumpyLlamaDecoder(lm, layer)
+
+
+def test_decoding_past_the_lms_context_is_refused_as_generate_refuses_it():
+    model = gqa_gill(max_position_embeddings=16)
+    input_ids, mask = padded_prompts(length=12)
+    messages = []
+    for fused in (False, True):
+        with pytest.raises(ValueError, match="longer than the LM's context of 16") as error:
+            gill_decode(model, input_ids, mask, None, GillDecodingOptions(max_new_tokens=8, fused_step=fused), token_ids(model), [None] * 3)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
