@@ -51,6 +51,11 @@ class GillDecodingOptions:
     def reference(self) -> bool:
         return self.decoding == "reference"
 
+    def token_limit(self, num_img_tokens: int) -> int:
+        """The most tokens a decoding can feed through the LM after the prompt: a block counts once in
+        reference mode, so up to `num_img_tokens` per step; +1 for the step that feeds a final block."""
+        return self.max_new_tokens * (num_img_tokens if self.reference else 1) + 1
+
     @property
     def greedy(self) -> bool:
         # The reference's temperature 0 means greedy decoding.
@@ -287,8 +292,7 @@ def gill_decode(
     batch, prompt_length = input_ids.shape
     n_img = len(ids.img_token_ids)
     state = GillDecodingState(batch, prompt_length, options, ids)
-    # A block counts once in reference mode, so up to 8 tokens per step; +1 for the extra step.
-    limit = options.max_new_tokens * (n_img if options.reference else 1) + 1
+    limit = options.token_limit(n_img)
     # Left padding: positions count real tokens only, as for each prompt alone.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     processors = LogitsProcessorList([GillLogitsProcessor(state, model.logits_width), GillRowSampler(state, generators)])

@@ -379,7 +379,7 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         `prompt_embeds` and a retrieval embedding. Returns the rows, the blocks and one generator
         per prompt."""
         n_img = self.gill_model.config.num_img_tokens
-        room = options.max_new_tokens + (n_img if options.reference else 1)
+        room = options.token_limit(n_img)  # context kept free for the answer (reference mode: 8 a step)
         context = getattr(self.gill_model.config.text_config, "max_position_embeddings", None)
         max_length = None if context is None else context - room
         if max_length is not None and max_length < 1:

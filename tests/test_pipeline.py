@@ -205,6 +205,16 @@ def boost_eos(pipe, factor: float = 20.0) -> None:
         pipe.gill_model.language_model.get_output_embeddings().weight[pipe.processor.tokenizer.eos_token_id] *= factor
 
 
+def test_truncation_leaves_room_for_a_reference_answer_of_blocks(tmp_path):
+    """Reference mode counts a block as one step, so an answer can feed 8 tokens a step: a truncated
+    prompt keeps that much of the tiny LM's 128 positions free (the prompt was cut to 108 tokens
+    before, and decoding then ran past the context)."""
+    pipe = tiny_pipeline(tmp_path)
+    out = pipe(prompt="dog cat " * 200, max_new_tokens=12, decoding="reference", gen_scale_factor=50.0, truncation=True,
+               output_type="np", **FAST)
+    assert len(out.token_ids[0]) > 0 and pipe.gill_model.config.text_config.max_position_embeddings == 128
+
+
 @pytest.mark.parametrize("kind", ["opt", "llama"])
 def test_batch_of_prompts_of_different_lengths_equals_each_alone(tmp_path, kind):
     pipe = tiny_pipeline(tmp_path, kind=kind)
