@@ -85,9 +85,9 @@ class NumpyLlamaDecoder:
     """One cached decoding step of a Llama language model for a batch of rows, as numpy calls.
 
     Build it from the LM (`LlamaForCausalLM`), hand it the KV cache of the prompt's pass with
-    `start`, then call `step(token_embeddings)` once per new token: it returns the last position's
-    logits and the hidden state of layer `hidden_layer` (transformers' indexing of
-    `output_hidden_states`: 0 the embeddings, -1 the final norm's output). It reads the weights
+    `start`, then call `step(token_embeddings)` once per new token: it returns the new position's
+    logits, the final norm's output and the hidden state of layer `hidden_layer` (transformers'
+    indexing of `output_hidden_states`: 0 the embeddings, -1 the final norm's output). It reads the weights
     when it is built (q/k/v stacked into one copy per layer, the rest as views): build a new one
     after changing them.
     """
