@@ -1,5 +1,5 @@
 """The fused numpy decoding step for Llama LMs (pipelines/cpu_decode_gill.py) against the model's own
-modules. Budget: about 3 s of tests (8 s with the imports) on 2 cores."""
+modules. Budget: about 1 s of tests (7 s with the imports) on 2 cores."""
 
 from __future__ import annotations
 
