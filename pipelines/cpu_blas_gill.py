@@ -124,17 +124,20 @@ _THREADS = _ThreadSettings()
 def numpy_blas_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
     """Inside the block, `model`'s `nn.Linear` layers compute with numpy's BLAS, which gets torch's thread
     count while torch runs on one thread; both are restored when the last open block closes. For
-    inference: entered with autograd on, nothing changes. Nothing changes either when a linear layer of
-    `model` has another dtype or device (a bf16 language model beside float32 heads, a GPU, offloading),
-    when the routable layers hold less than half of `model`'s weights, or when numpy's BLAS is not the
-    OpenBLAS of its wheels. Layers that are not plain `nn.Linear` or carry their own `forward` stay with
-    torch, as do inputs that are tensor subclasses. Yields how many layers were routed (0: nothing
-    changed; also when `enabled` is False or threadpoolctl is missing)."""
+    inference: entered with autograd on, nothing changes. Only plain `nn.Linear` layers with float32
+    CPU weights and no `forward` of their own are routed, and only where they hold at least half of
+    `model`'s weights: a bf16 language model beside float32 heads, a GPU, offloading hooks or GPT-2's
+    `Conv1D` leave everything to torch and its threads, while a small float16 vision tower beside a
+    float32 language model stays with torch (on one thread) as the rest moves. Nothing changes either
+    when numpy's BLAS is not the OpenBLAS of its wheels. Inputs that are tensor subclasses stay with
+    torch. Yields how many layers were routed (0: nothing changed; also when `enabled` is False or
+    threadpoolctl is missing)."""
     enabled = enabled and threadpool_limits is not None and not torch.is_grad_enabled()
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)] if enabled else []
-    modules = [module for module in linears if _routable(module)] if all(map(_cpu_float32, linears)) else []
-    # Worth it only where the routed layers hold most of the weights: GPT-2's blocks multiply in
-    # `Conv1D`, which would be left to a single torch thread.
+    modules = [module for module in linears if _routable(module) and _cpu_float32(module)]
+    # Worth it only where the routed layers hold most of the weights: what stays with torch runs on a
+    # single thread inside the block (a bf16 LM beside float32 heads was 25% slower routed; GPT-2's
+    # blocks multiply in `Conv1D`).
     routed = sum(module.weight.numel() for module in {id(m.weight): m for m in modules}.values())
     if not modules or routed * 2 < sum(param.numel() for param in model.parameters()) or not _numpy_uses_openblas():
         yield 0

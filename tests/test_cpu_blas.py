@@ -106,11 +106,17 @@ def test_nested_and_concurrent_blocks_restore_the_threads_once_the_last_one_clos
     assert a_out.is_set() and seen == [2] and torch.get_num_threads() == 2 and blas_threads() == blas_before
 
 
-def test_a_layer_of_another_dtype_leaves_the_whole_model_to_torch_and_a_hooked_one_is_skipped():
+def test_layers_of_another_dtype_stay_with_torch_and_a_hooked_one_is_skipped():
     model = torch.nn.ModuleList([torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).to(torch.bfloat16)])
-    # torch keeps its threads for the bf16 layer it still computes, so no layer moves to numpy
+    # torch keeps its threads for the bf16 half it still computes, so no layer moves to numpy
     with torch.no_grad(), numpy_blas_linears(model) as routed:
         assert routed == 0 and torch.get_num_threads() == 2 and "forward" not in vars(model[0])
+    # a small float16 part beside a float32 majority (GILL-tiny's vision tower beside its LM): the rest moves
+    model = torch.nn.ModuleList([torch.nn.Linear(64, 64), torch.nn.Linear(8, 4).to(torch.float16)])
+    with torch.no_grad(), numpy_blas_linears(model) as routed:
+        assert routed == 1 and "forward" in vars(model[0]) and "forward" not in vars(model[1])
+        x16 = torch.randn(2, 8, dtype=torch.float16)
+        torch.testing.assert_close(model[1](x16), torch.nn.functional.linear(x16, model[1].weight, model[1].bias))
     wrapped = torch.nn.Linear(8, 4)
     wrapped.forward = own = lambda x: torch.zeros(1)  # a hook library's own forward is never replaced
     model = torch.nn.ModuleList([torch.nn.Linear(64, 64), wrapped, torch.nn.MultiheadAttention(8, 2)])  # most weights routable
