@@ -1,5 +1,5 @@
 """The fused numpy decoding step for Llama LMs (pipelines/cpu_decode_gill.py) against the model's own
-modules. Budget: about 1 s of tests (7 s with the imports) on 2 cores."""
+modules. Budget: about 1 s of tests plus ~3 s to load the shipped GILL-tiny (7-10 s with the imports) on 2 cores."""
 
 from __future__ import annotations
 
@@ -215,3 +215,29 @@ def test_decoding_past_the_lms_context_is_refused_as_generate_refuses_it():
             gill_decode(model, input_ids, mask, None, GillDecodingOptions(max_new_tokens=8, fused_step=fused), token_ids(model), [None] * 3)
         messages.append(str(error.value))
     assert messages[0] == messages[1]
+
+
+def test_the_shipped_gill_tiny_decodes_through_numpy_blas_and_the_fused_step(monkeypatch):
+    """Loaded without a `dtype`, GILL-tiny's world CLIP stays float16 beside its float32 LM: the LM must
+    still move (a block that any other dtype turned off left that model on torch's matmuls)."""
+    from gill_hf import GillForConditionalGeneration, GillProcessor
+    from gill_hf.world import gill_tiny
+
+    if not (gill_tiny.GILL_TINY_DIR / "gill_adapter.safetensors").is_file():
+        pytest.skip("the GILL-tiny adapter is not committed in this checkout")
+    model = GillForConditionalGeneration.from_pretrained(gill_tiny.GILL_TINY_DIR).eval()
+    processor = GillProcessor.from_pretrained(gill_tiny.GILL_TINY_DIR)
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.float16}
+    assert NumpyLlamaDecoder.unsupported(model.language_model) is None  # LoRA on q/v included
+    with torch.no_grad(), numpy_blas_linears(model) as routed:
+        assert routed > 0
+    steps = []
+    step = NumpyLlamaDecoder.step
+    monkeypatch.setattr(NumpyLlamaDecoder, "step", lambda self, e: steps.append(1) or step(self, e))
+    inputs = processor(text=["A small red circle on a blue background, then"])
+    ids = GillTokenIds(img_token_ids=list(model.config.img_token_ids), image_token_id=model.config.image_token_id,
+                       vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=0, newline_token_id=None)
+    answers = [gill_decode(model, inputs["input_ids"], inputs["attention_mask"], None,
+                           GillDecodingOptions(max_new_tokens=12, min_word_tokens=12, fused_step=fused), ids, [None])[0].token_ids
+               for fused in (False, True)]
+    assert len(steps) == 11 and answers[0] == answers[1]
