@@ -49,7 +49,7 @@ import platform
 import time
 
 import torch
-from bench_pipeline import prompt_ids, read_bandwidth, smollm2_gill, timed, weight_bytes
+from bench_pipeline import no_stop_token_ids, prompt_ids, read_bandwidth, smollm2_gill, timed, weight_bytes
 
 from gill_hf.pipelines import cpu_blas_gill
 from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears
@@ -61,7 +61,7 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
     """name -> fn(n) returning the n new token ids, for GILL `model` (random heads on the LM) and its LM."""
     from transformers import DynamicCache, StaticCache
 
-    from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
+    from gill_hf.pipelines.decoding_gill import GillDecodingOptions, gill_decode
 
     lm, mask = model.language_model, torch.ones_like(ids)
 
@@ -91,9 +91,7 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
 
         return run
 
-    token_ids = GillTokenIds(img_token_ids=list(model.config.img_token_ids), image_token_id=model.config.image_token_id,
-                             vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=tokenizer.eos_token_id,
-                             newline_token_id=None)
+    token_ids = no_stop_token_ids(model, tokenizer.eos_token_id)
 
     def pipeline(numpy_blas: bool, fused_step: bool):
         def run(n):
@@ -155,11 +153,10 @@ def profile_fused_step(model, ids: torch.Tensor, repeat: int, new_tokens: int) -
     median of `repeat` runs): the step's BLAS products (timed around each call), the step's other
     numpy work, and the loop around the step (GILL's processors, embeddings, logits columns, stopping)."""
     from gill_hf.pipelines import cpu_decode_gill
-    from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
+    from gill_hf.pipelines.decoding_gill import GillDecodingOptions, gill_decode
 
     lm, mask = model.language_model, torch.ones_like(ids)
-    token_ids = GillTokenIds(img_token_ids=list(model.config.img_token_ids), image_token_id=model.config.image_token_id,
-                             vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=0, newline_token_id=None)
+    token_ids = no_stop_token_ids(model, pad_token_id=0)
     totals = {"blas": 0.0, "step": 0.0, "steps": 0}
     blas_product, step = cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step
 

@@ -103,6 +103,13 @@ def rerun_decode(model, ids: torch.Tensor, n: int, masked: torch.Tensor) -> tupl
     return tokens, logits_seen
 
 
+def no_stop_token_ids(model, pad_token_id: int) -> GillTokenIds:
+    """GILL's ids for text-only timing runs: no EOS or newline stop, so every run makes exactly the
+    tokens asked for (with `min_word_tokens` = the token count, [IMG0] stays masked)."""
+    return GillTokenIds(img_token_ids=list(model.config.img_token_ids), image_token_id=model.config.image_token_id,
+                        vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=pad_token_id, newline_token_id=None)
+
+
 def read_bandwidth(repeat: int = 5, n_bytes: int = 1 << 30) -> float:
     """Bytes read per second by a 1 GB fp32 `sum()` (median of `repeat` after one warm-up): the
     bandwidth a decoding step that streams the weights once could reach."""
@@ -125,9 +132,7 @@ def bench_decoding(new_tokens: list[int], dtype: torch.dtype) -> None:
     tokenizer = processor.tokenizer
     # Text only, no EOS stop, so both paths make exactly n tokens: [IMG0] stays masked
     # (min_word_tokens = n) and EOS is not a stop token here.
-    token_ids = GillTokenIds(img_token_ids=list(model.config.img_token_ids), image_token_id=model.config.image_token_id,
-                             vocab_size=model.config.vocab_size, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
-                             newline_token_id=None)
+    token_ids = no_stop_token_ids(model, tokenizer.pad_token_id)
     masked = torch.zeros(model.logits_width, dtype=torch.bool)
     masked[list(model.config.img_token_ids)] = True
     masked[model.config.image_token_id] = True
