@@ -46,8 +46,8 @@ ENTRY_MODULE = REMOTE_CODE_MODULES["gill_model"]
 CODE_FILES = {
     **{p.name: p for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"},
     **{name: _PACKAGE / name for name in ("processing_gill.py", "images.py", "backbones.py", "embedded.py", "retrieval.py")},
-    **{name: _PIPELINES / name for name in ("components_gill.py", "cpu_blas_gill.py", "cpu_decode_gill.py", "decoding_gill.py",
-                                            "utils_gill.py", "pipeline_gill.py")},
+    **{name: _PIPELINES / name for name in ("components_gill.py", "cpu_blas_gill.py", "cpu_decode_gill.py", "cpu_gemv_gill.py",
+                                            "decoding_gill.py", "utils_gill.py", "pipeline_gill.py")},
 }
 MODEL_FILES = [*(p.name for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"), "backbones.py", "embedded.py"]
 PROCESSOR_FILES = ["processing_gill.py", "images.py", "tokens_gill.py"]
@@ -56,7 +56,7 @@ _FLATTEN = [(re.compile(r"^(\s*)from (?:\.|gill_hf\.)modeling import GillForCond
              rf"\1from .{ENTRY_MODULE} import GillForConditionalGeneration"),
             (re.compile(r"^(\s*)from \.modeling import ", re.M), r"\1from .tokens_gill import "),
             (re.compile(r"^(\s*)from (?:\.|gill_hf\.)modeling\.(\w+) import ", re.M), r"\1from .\2 import "),
-            (re.compile(r"^(\s*)from gill_hf\.(processing_gill|retrieval) import ", re.M), r"\1from .\2 import ")]
+            (re.compile(r"^(\s*)from gill_hf\.(processing_gill|retrieval|embedded) import ", re.M), r"\1from .\2 import ")]
 ENTRY_SOURCE = '''"""Entry point of this folder's remote code: GILL's model with backbone references resolved by the
 folder's own resolver (hub ids, folders, `{"subfolder": ...}` inside this repo, the embedded SmolLM2)."""
 
@@ -77,7 +77,7 @@ COMPONENT_FILES = {"gill_model": MODEL_FILES, "processor": PROCESSOR_FILES,
                    "retrieval_index": ["retrieval.py", "images.py", "checkpointing.py", "manifest.py"],
                    "unconditional_embedding": ["components_gill.py"]}
 PIPELINE_FILES = [*MODEL_FILES, "processing_gill.py", "images.py", "retrieval.py", "components_gill.py", "cpu_blas_gill.py",
-                  "cpu_decode_gill.py", "decoding_gill.py", "utils_gill.py"]
+                  "cpu_decode_gill.py", "cpu_gemv_gill.py", "decoding_gill.py", "utils_gill.py"]
 # diffusers re-executes a component's module when it loads the component, so the class a pipeline signature
 # names is not the loaded component's class and its type check warns: the remote pipeline's signature
 # leaves GILL's components unannotated (diffusers then skips the check)
