@@ -13,9 +13,12 @@ Rows:
                        reference tokens every other row is compared with
   gill_decode, module step     transformers `generate` + GILL's logits processors, CPU float32
                        matmuls through numpy's BLAS (`fused_step=False`: the default before the fused step)
-  gill_decode          the pipeline's decoding today: the prompt's pass as above, then each cached
-                       step as one fused numpy function (`cpu_decode_gill.NumpyLlamaDecoder`) inside
-                       GILL's own copy of the generate loop
+  gill_decode, fused step, OpenBLAS gemv   the prompt's pass as above, then each cached step as one
+                       fused numpy function (`cpu_decode_gill.NumpyLlamaDecoder`) inside GILL's own
+                       copy of the generate loop, its matrix-vector products by numpy's OpenBLAS
+                       (the default before the streaming kernel, and wherever it cannot be built)
+  gill_decode          the pipeline's decoding today: the same, with the matrix-vector products by
+                       the streaming kernel (`cpu_gemv_gill`)
   generate             the bare LM's `generate` (DynamicCache)
   generate, static     `generate(cache_implementation="static")`
   loop, dynamic        a hand-written greedy loop over the LM's forward with a DynamicCache: no
@@ -35,7 +38,8 @@ Then (`--profile`) where a token's time goes: in the pipeline's decoding, the fu
 products (timed around each call), its other numpy work, and the loop around it (GILL's logits
 processors, embeddings, stopping); in a module step (loop, DynamicCache), the BLAS products, torch's
 operators (torch.profiler, by self CPU time) and the rest (Python). `--kernels`: the LM's matmuls
-alone in four forms.
+alone in five forms. `--interleaved R`: the four `gill_decode` rows in turn, R rounds in one process
+(the fairest comparison of paths on a host whose bandwidth drifts), each round with its own floor.
 
     python benchmarks/bench_decoding.py --threads 2                      # idle machine
     python benchmarks/bench_decoding.py --threads 2 --compile --bf16 --profile --kernels
@@ -46,12 +50,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 
 import torch
 from bench_pipeline import no_stop_token_ids, prompt_ids, read_bandwidth, smollm2_gill, timed, weight_bytes
 
-from gill_hf.pipelines import cpu_blas_gill
+from gill_hf.pipelines import cpu_blas_gill, cpu_gemv_gill
 from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears
 
 PROMPT_TOKENS = 64
@@ -101,6 +106,16 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
 
         return run
 
+    def without_kernel(run):
+        def wrapped(n):
+            kernel, cpu_blas_gill.streaming_gemv = cpu_blas_gill.streaming_gemv, lambda: None
+            try:
+                return run(n)
+            finally:
+                cpu_blas_gill.streaming_gemv = kernel
+
+        return wrapped
+
     def with_numpy_blas(run):
         def wrapped(n):
             with numpy_blas_linears(model):
@@ -113,7 +128,7 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
     if compile_step:
         rows["loop, static, compiled"] = loop(static, torch.compile(plain_forward, dynamic=False))
     return {"gill_decode, torch matmuls": pipeline(False, False), "gill_decode, module step": pipeline(True, False),
-            "gill_decode": pipeline(True, True),
+            "gill_decode, fused step, OpenBLAS gemv": without_kernel(pipeline(True, True)), "gill_decode": pipeline(True, True),
             **{name: with_numpy_blas(run) for name, run in rows.items()}}
 
 
@@ -137,15 +152,46 @@ def bench(dtype: torch.dtype, args) -> None:
                             verdict, (before + bandwidth) / 2))
     print(f"\n## SmolLM2-135M {str(dtype).replace('torch.', '')}: weights {weight_bytes(lm) / 2**20:.1f} MiB read per token; "
           f"floor = the row's read bandwidth / weight bytes")
-    print(f"{'path':<26} | {'tok/s':>6} | {'% floor':>7} | {'decode tok/s':>12} | {'% floor':>7} | {'first token s':>13} | "
+    print(f"{'path':<38} | {'tok/s':>6} | {'% floor':>7} | {'decode tok/s':>12} | {'% floor':>7} | {'first token s':>13} | "
           f"{'warm-up s':>9} | {'GB/s':>5} | {'floor':>5} | tokens vs the first row")
     for name, rate, decode_rate, first, warm_up, verdict, row_bandwidth in results:
         floor = row_bandwidth / weight_bytes(lm)
-        print(f"{name:<26} | {rate:>6.1f} | {rate / floor:>6.1%} | {decode_rate:>12.1f} | {decode_rate / floor:>6.1%} | "
+        print(f"{name:<38} | {rate:>6.1f} | {rate / floor:>6.1%} | {decode_rate:>12.1f} | {decode_rate / floor:>6.1%} | "
               f"{first:>13.3f} | {warm_up:>9.1f} | {row_bandwidth / 1e9:>5.1f} | {floor:>5.1f} | {verdict}")
     if args.profile and dtype == torch.float32:  # numpy's BLAS is float32 only
         profile_fused_step(model, ids, args.repeat, args.new_tokens)
         profile_step(model, ids, args.repeat)
+
+
+def interleaved(args) -> None:
+    """The `gill_decode` paths in turn, `args.interleaved` rounds in one process: decode rates (the
+    prefill left out) and, per round, % of the floor read just before and after it."""
+    model, processor = smollm2_gill(torch.float32)
+    ids = prompt_ids(processor, PROMPT_TOKENS)
+    paths = {name: run for name, run in decoders(model, processor.tokenizer, ids, False).items() if name.startswith("gill_decode")}
+    n, weights = args.new_tokens, weight_bytes(model.language_model)
+    rates, shares, tokens = {name: [] for name in paths}, {name: [] for name in paths}, {}
+    print(f"\n## interleaved: the gill_decode paths in turn, {args.interleaved} rounds, decode tok/s (% of the round's floor)")
+    with torch.inference_mode():
+        for run in paths.values():
+            run(n), run(1)  # warm-up
+        for round_index in range(args.interleaved):
+            before = read_bandwidth(args.repeat)
+            for name, run in paths.items():
+                first, _ = timed(lambda: run(1))
+                seconds, tokens[name] = timed(lambda: run(n))
+                rates[name].append((n - 1) / (seconds - first))
+            bandwidth = (before + read_bandwidth(args.repeat)) / 2
+            for name in paths:
+                shares[name].append(rates[name][-1] / (bandwidth / weights))
+            print(f"round {round_index + 1} ({bandwidth / 1e9:.1f} GB/s): "
+                  + "; ".join(f"{name} {rates[name][-1]:.1f} ({shares[name][-1]:.0%})" for name in paths))
+    fastest, reference = rates["gill_decode"], tokens["gill_decode, torch matmuls"]
+    for name in paths:
+        print(f"{name:<38} median {statistics.median(rates[name]):6.1f} decode tok/s, {statistics.median(shares[name]):4.0%} of "
+              f"the floor (rounds {min(shares[name]):.0%}-{max(shares[name]):.0%}), gill_decode / this "
+              f"{statistics.median(f / r for f, r in zip(fastest, rates[name])):.2f}x, tokens "
+              f"{'same' if tokens[name] == reference else 'differ'}")
 
 
 def profile_fused_step(model, ids: torch.Tensor, repeat: int, new_tokens: int) -> None:
@@ -245,8 +291,9 @@ def profile_step(model, ids: torch.Tensor, repeat: int, steps: int = 8) -> None:
 def kernel_bandwidth(lm, repeat: int) -> None:
     """The LM's matmuls alone, at batch 1, on copies of its weight shapes (so nothing stays in cache
     between layers): `F.linear` as the LM calls it, against the same products with the weights stored
-    transposed, with oneDNN-packed weights and through numpy's BLAS as `numpy_blas_linears` routes them
-    (the last three change the summation order, so they are not bit-identical)."""
+    transposed, with oneDNN-packed weights, numpy's OpenBLAS gemv, and as `numpy_blas_linears` routes
+    them (the streaming kernel of `cpu_gemv_gill` where it was built; the last four change the summation
+    order, so they are not bit-identical)."""
     import torch.nn.functional as F
     import torch.utils.mkldnn
 
@@ -266,15 +313,17 @@ def kernel_bandwidth(lm, repeat: int) -> None:
     variants = {"F.linear (the LM's call)": (lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], None),
                 "weights stored transposed": (lambda: [inputs[w.shape[0]] @ w for w in transposed], None),
                 "oneDNN-packed weights": (lambda: [m(inputs[m.weight.shape[1]]) for m in packed], None),
-                "numpy's BLAS (the default)": (lambda: [m(inputs[m.in_features]) for m in linears], linears)}
+                "numpy's OpenBLAS gemv": (lambda: [w.numpy().dot(inputs[w.shape[1]][0].numpy()) for w in weights], None),
+                "numpy_blas_linears (default)": (lambda: [m(inputs[m.in_features]) for m in linears], linears)}
+    kernel = "the streaming kernel" if cpu_gemv_gill.streaming_gemv() is not None else "no streaming kernel: numpy's BLAS"
     print(f"\nthe LM's {len(weights)} matmuls per token (fp32, {total / 2**20:.0f} MiB, distinct weights; read bandwidth "
-          f"now {read_bandwidth(repeat) / 1e9:.1f} GB/s):")
+          f"now {read_bandwidth(repeat) / 1e9:.1f} GB/s; numpy_blas_linears uses {kernel}):")
     with torch.inference_mode():
         for name, (run, routed) in variants.items():
             with numpy_blas_linears(routed if routed is not None else torch.nn.Module()):
                 run()
                 seconds, _ = timed(run, repeat)
-            print(f"{name:<26} {seconds * 1e3:6.1f} ms/token, {total / seconds / 1e9:5.1f} GB/s")
+            print(f"{name:<28} {seconds * 1e3:6.1f} ms/token, {total / seconds / 1e9:5.1f} GB/s")
 
 
 def main() -> None:
@@ -285,7 +334,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd step (slow warm-up)")
     parser.add_argument("--bf16", action="store_true", help="also the bf16 LM, against its own floor")
     parser.add_argument("--profile", action="store_true", help="profile one cached step per dtype")
-    parser.add_argument("--kernels", action="store_true", help="the LM's matmuls alone, four forms")
+    parser.add_argument("--kernels", action="store_true", help="the LM's matmuls alone, five forms")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="R", help="also the gill_decode paths in turn, R rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -294,6 +344,8 @@ def main() -> None:
           f"load average at start {load:.2f}, cpu={platform.processor() or platform.machine()}, torch {torch.__version__}")
     for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
         bench(dtype, args)
+    if args.interleaved:
+        interleaved(args)
     if args.kernels:
         kernel_bandwidth(smollm2_gill(torch.float32)[0].language_model, args.repeat)
 
