@@ -34,7 +34,7 @@ of 1 token), which leaves the prefill out (it is the first-token latency). The r
 measured before the first row and after every row, and each row's floor uses the mean of the readings
 just before and after it: this machine's readings drift by up to 1.8x within minutes (other tenants).
 
-Then (`--profile`) where a token's time goes: in the pipeline's decoding, the fused step's BLAS
+Then (`--profile`) where a token's time goes: in the pipeline's decoding, the fused step's
 products (timed around each call), its other numpy work, and the loop around it (GILL's logits
 processors, embeddings, stopping); in a module step (loop, DynamicCache), the BLAS products, torch's
 operators (torch.profiler, by self CPU time) and the rest (Python). `--kernels`: the LM's matmuls
@@ -196,7 +196,8 @@ def interleaved(args) -> None:
 
 def profile_fused_step(model, ids: torch.Tensor, repeat: int, new_tokens: int) -> None:
     """Where a token of the pipeline's decoding goes (`gill_decode`, fused step, `new_tokens` tokens, the
-    median of `repeat` runs): the step's BLAS products (timed around each call), the step's other
+    median of `repeat` runs): the step's products (`blas_product`, timed around each call: the streaming
+    kernel where it was built, numpy's BLAS otherwise), the step's other
     numpy work, and the loop around the step (GILL's processors, embeddings, logits columns, stopping)."""
     from gill_hf.pipelines import cpu_decode_gill
     from gill_hf.pipelines.decoding_gill import GillDecodingOptions, gill_decode
@@ -239,7 +240,7 @@ def profile_fused_step(model, ids: torch.Tensor, repeat: int, new_tokens: int) -
         cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step = blas_product, step
     per_token, step_seconds, blas = sorted(samples[1:])[repeat // 2]
     bandwidth = read_bandwidth(repeat)
-    print(f"\none token of the pipeline's decoding (fused step), median of {repeat}: {per_token * 1e3:.1f} ms = BLAS products "
+    print(f"\none token of the pipeline's decoding (fused step), median of {repeat}: {per_token * 1e3:.1f} ms = the products "
           f"{blas * 1e3:.1f} ms ({weight_bytes(lm) / blas / 1e9:.1f} GB/s; the prompt's pass excluded) + the step's other numpy "
           f"work {(step_seconds - blas) * 1e3:.1f} ms + the loop around it {(per_token - step_seconds) * 1e3:.1f} ms; read "
           f"bandwidth just after {bandwidth / 1e9:.1f} GB/s, so the weights alone take {weight_bytes(lm) / bandwidth * 1e3:.1f} ms")

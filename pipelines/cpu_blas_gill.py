@@ -3,15 +3,16 @@
 At batch 1 a decoding step is a chain of matrix-vector products, bound by how fast the weights
 stream from memory. torch's x86 wheels run them through MKL, which on some CPUs (the AMD EPYC this
 project is measured on) reads well under half the machine's bandwidth; numpy's bundled OpenBLAS
-streams at close to it and is also faster at the prefill's small matrix products (README,
-"Benchmarks"). `numpy_blas_linears(model)` routes the `nn.Linear` layers of a CPU float32 `model`
-through `numpy.dot` for the duration of a `with` block; inputs of another dtype or device, and calls
+streams faster and is also faster at the prefill's small matrix products (README, "Benchmarks");
+a one-row product goes to the streaming kernel of `cpu_gemv_gill` where it was built, which reads
+about twice as fast as OpenBLAS's gemv there. `numpy_blas_linears(model)` routes the `nn.Linear`
+layers of a CPU float32 `model` through `blas_product` for the duration of a `with` block; inputs of another dtype or device, and calls
 that autograd records, take `F.linear` as before. `GillPipeline` decodes inside it (its `numpy_blas`
 attribute).
 
 The two libraries sum in different orders, so logits differ in the last bits (about 1e-6 relative);
-greedy tokens are the same in the benchmark and the tests. Thread pools: numpy's BLAS gets torch's
-thread count and torch runs on one thread inside the block, because two busy pools on the same
+greedy tokens are the same in the benchmark and the tests. Thread pools: numpy's BLAS (and the
+kernel) get torch's thread count and torch runs on one thread inside the block, because two busy pools on the same
 cores stall each other (measured 6x slower) and the operators left to torch at batch 1 are too
 small to gain from threads.
 """

@@ -4,8 +4,9 @@ At batch 1 a cached step of a small LM is ~200 matrix-vector products plus thous
 operators, and on CPU the tiny ones cost more than their arithmetic: an eager Hugging Face step of
 SmolLM2-135M spends ~3.4 ms in torch operators and ~4 ms in Python module calls around 13 ms of
 weight streaming (README, "Benchmarks"). `NumpyLlamaDecoder` runs the same step as one function
-over numpy views of the model's own weights: the products through numpy's BLAS exactly as
-`numpy_blas_linears` routes them (the same calls, so the same bits), RMSNorm, rotary embeddings,
+over numpy views of the model's own weights: the products by `blas_product` exactly as
+`numpy_blas_linears` routes them (the streaming kernel of `cpu_gemv_gill` for the matrix-vector
+products where it was built, else numpy's BLAS; the same calls, so the same bits), RMSNorm, rotary embeddings,
 grouped-query attention over a preallocated KV cache and SwiGLU as a few numpy calls each, and peft
 LoRA layers as their two extra products. `fused_generate` is `generate`'s loop around it, with
 transformers' `LogitsProcessor`s and `StoppingCriteria` applied as `generate` applies them; the

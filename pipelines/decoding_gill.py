@@ -39,8 +39,9 @@ class GillDecodingOptions:
     force_image: bool = False
     max_images: int | None = None
     decoding: str = "default"
-    # CPU float32 matmuls through numpy's BLAS while decoding (`cpu_blas_gill`; the pipeline's
-    # `numpy_blas` attribute): same greedy tokens, ~1.8x the tokens/s where measured; False keeps torch's.
+    # CPU float32 matmuls through numpy while decoding (`cpu_blas_gill`: its BLAS, and the streaming
+    # matrix-vector kernel of `cpu_gemv_gill` where a C compiler built it; the pipeline's `numpy_blas`
+    # attribute): same greedy tokens, ~1.8x the tokens/s where measured; False keeps torch's.
     numpy_blas: bool = True
     # With numpy's BLAS on, a Llama LM's cached steps run as one fused numpy function (`cpu_decode_gill`)
     # instead of `generate`'s module calls (~1.4x the tokens/s where measured, same greedy tokens); the
