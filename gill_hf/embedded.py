@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("GILL_HF_CACHE", Path.home() / ".cache" / "gill_hf"))
+    configured = os.environ.get("GILL_HF_CACHE")  # home looked up only when needed (a uid without one)
+    return Path(configured) if configured else Path.home() / ".cache" / "gill_hf"
 
 
 def _package_file(package: str, filename: str) -> Path:
