@@ -5,16 +5,16 @@ stream from memory. torch's x86 wheels run them through MKL, which on some CPUs 
 project is measured on) reads well under half the machine's bandwidth; numpy's bundled OpenBLAS
 streams faster and is also faster at the prefill's small matrix products (README, "Benchmarks");
 a one-row product goes to the streaming kernel of `cpu_gemv_gill` where it was built, which reads
-about twice as fast as OpenBLAS's gemv there. `numpy_blas_linears(model)` routes the `nn.Linear`
-layers of a CPU float32 `model` through `blas_product` for the duration of a `with` block; inputs of another dtype or device, and calls
-that autograd records, take `F.linear` as before. `GillPipeline` decodes inside it (its `numpy_blas`
-attribute).
+about twice as fast per core as OpenBLAS's gemv there. `numpy_blas_linears(model)` routes the
+`nn.Linear` layers of a CPU float32 `model` through `blas_product` for the duration of a `with`
+block; inputs of another dtype or device, and calls that autograd records, take `F.linear` as
+before. `GillPipeline` decodes inside it (its `numpy_blas` attribute).
 
-The two libraries sum in different orders, so logits differ in the last bits (about 1e-6 relative);
+The libraries sum in different orders, so logits differ in the last bits (about 1e-6 relative);
 greedy tokens are the same in the benchmark and the tests. Thread pools: numpy's BLAS (and the
-kernel) get torch's thread count and torch runs on one thread inside the block, because two busy pools on the same
-cores stall each other (measured 6x slower) and the operators left to torch at batch 1 are too
-small to gain from threads.
+kernel) get torch's thread count and torch runs on one thread inside the block, because two busy
+pools on the same cores stall each other (measured 6x slower) and the operators left to torch at
+batch 1 are too small to gain from threads.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ except ImportError:
 
 def blas_product(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """`rows @ matrix.T` for 2-D arrays. One row is a matrix-vector product, which streams the weights
-    once: by the streaming kernel of `cpu_gemv_gill` where it was built (~2x the bandwidth of
-    OpenBLAS's gemv where measured), else numpy's BLAS; more rows are a BLAS gemm."""
+    once: by the streaming kernel of `cpu_gemv_gill` where it was built (~2x OpenBLAS's gemv per core
+    where measured), else numpy's BLAS; more rows are a BLAS gemm."""
     if rows.shape[0] != 1:
         return rows.dot(matrix.T)
     gemv = streaming_gemv()
