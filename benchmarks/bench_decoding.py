@@ -42,7 +42,7 @@ alone in five forms. `--interleaved R`: the four `gill_decode` rows in turn, R r
 (the fairest comparison of paths on a host whose bandwidth drifts), each round with its own floor.
 
     python benchmarks/bench_decoding.py --threads 2                      # idle machine
-    python benchmarks/bench_decoding.py --threads 2 --compile --bf16 --profile --kernels
+    python benchmarks/bench_decoding.py --threads 2 --compile --bf16 --profile --kernels --interleaved 5
 """
 
 from __future__ import annotations
