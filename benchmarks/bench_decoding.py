@@ -13,12 +13,14 @@ Rows:
                        reference tokens every other row is compared with
   gill_decode, module step     transformers `generate` + GILL's logits processors, CPU float32
                        matmuls through numpy's BLAS (`fused_step=False`: the default before the fused step)
-  gill_decode, fused step, OpenBLAS gemv   the prompt's pass as above, then each cached step as one
+  gill_decode, numpy step, OpenBLAS gemv   the prompt's pass as above, then each cached step as one
                        fused numpy function (`cpu_decode_gill.NumpyLlamaDecoder`) inside GILL's own
                        copy of the generate loop, its matrix-vector products by numpy's OpenBLAS
-                       (the default before the streaming kernel, and wherever it cannot be built)
-  gill_decode          the pipeline's decoding today: the same, with the matrix-vector products by
-                       the streaming kernel (`cpu_gemv_gill`)
+                       (the default before the compiled kernels, and wherever they cannot be built)
+  gill_decode, numpy step   the same, with the matrix-vector products by the streaming kernel of
+                       `cpu_kernels_gill` (the default before the compiled step)
+  gill_decode          the pipeline's decoding today: each cached step as one call of the compiled
+                       Llama step of `cpu_kernels_gill` (batch 1)
   generate             the bare LM's `generate` (DynamicCache)
   generate, static     `generate(cache_implementation="static")`
   loop, dynamic        a hand-written greedy loop over the LM's forward with a DynamicCache: no
@@ -34,11 +36,11 @@ of 1 token), which leaves the prefill out (it is the first-token latency). The r
 measured before the first row and after every row, and each row's floor uses the mean of the readings
 just before and after it: this machine's readings drift by up to 1.8x within minutes (other tenants).
 
-Then (`--profile`) where a token's time goes: in the pipeline's decoding, the fused step's
-products (timed around each call), its other numpy work, and the loop around it (GILL's logits
-processors, embeddings, stopping); in a module step (loop, DynamicCache), the BLAS products, torch's
+Then (`--profile`) where a token's time goes: in the pipeline's decoding, the compiled step (one
+call, timed around it) and the loop around it (GILL's logits processors, embeddings, stopping); in
+the numpy step, its products (timed around each call) and its other numpy work; in a module step (loop, DynamicCache), the BLAS products, torch's
 operators (torch.profiler, by self CPU time) and the rest (Python). `--kernels`: the LM's matmuls
-alone in five forms. `--interleaved R`: the four `gill_decode` rows in turn, R rounds in one process
+alone in five forms. `--interleaved R`: the five `gill_decode` rows in turn, R rounds in one process
 (the fairest comparison of paths on a host whose bandwidth drifts), each round with its own floor.
 
     python benchmarks/bench_decoding.py --threads 2                      # idle machine
@@ -56,7 +58,7 @@ import time
 import torch
 from bench_pipeline import no_stop_token_ids, prompt_ids, read_bandwidth, smollm2_gill, timed, weight_bytes
 
-from gill_hf.pipelines import cpu_blas_gill, cpu_gemv_gill
+from gill_hf.pipelines import cpu_blas_gill, cpu_decode_gill, cpu_kernels_gill
 from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears
 
 PROMPT_TOKENS = 64
@@ -106,13 +108,18 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
 
         return run
 
-    def without_kernel(run):
+    def without_kernels(run, *modules):
+        """`run` with `cpu_kernels()` giving None in `modules`: in cpu_decode_gill, no compiled step; in
+        cpu_blas_gill, no streaming gemv."""
         def wrapped(n):
-            kernel, cpu_blas_gill.streaming_gemv = cpu_blas_gill.streaming_gemv, lambda: None
+            kernels = [module.cpu_kernels for module in modules]
+            for module in modules:
+                module.cpu_kernels = lambda: None
             try:
                 return run(n)
             finally:
-                cpu_blas_gill.streaming_gemv = kernel
+                for module, original in zip(modules, kernels):
+                    module.cpu_kernels = original
 
         return wrapped
 
@@ -128,7 +135,8 @@ def decoders(model, tokenizer, ids: torch.Tensor, compile_step: bool) -> dict:
     if compile_step:
         rows["loop, static, compiled"] = loop(static, torch.compile(plain_forward, dynamic=False))
     return {"gill_decode, torch matmuls": pipeline(False, False), "gill_decode, module step": pipeline(True, False),
-            "gill_decode, fused step, OpenBLAS gemv": without_kernel(pipeline(True, True)), "gill_decode": pipeline(True, True),
+            "gill_decode, numpy step, OpenBLAS gemv": without_kernels(pipeline(True, True), cpu_decode_gill, cpu_blas_gill),
+            "gill_decode, numpy step": without_kernels(pipeline(True, True), cpu_decode_gill), "gill_decode": pipeline(True, True),
             **{name: with_numpy_blas(run) for name, run in rows.items()}}
 
 
@@ -195,17 +203,17 @@ def interleaved(args) -> None:
 
 
 def profile_fused_step(model, ids: torch.Tensor, repeat: int, new_tokens: int) -> None:
-    """Where a token of the pipeline's decoding goes (`gill_decode`, fused step, `new_tokens` tokens, the
-    median of `repeat` runs): the step's products (`blas_product`, timed around each call: the streaming
-    kernel where it was built, numpy's BLAS otherwise), the step's other
-    numpy work, and the loop around the step (GILL's processors, embeddings, logits columns, stopping)."""
-    from gill_hf.pipelines import cpu_decode_gill
+    """Where a token of the pipeline's decoding goes (`gill_decode`, `new_tokens` tokens, the median of
+    `repeat` runs): the step, timed around each call, and the loop around it (GILL's processors,
+    embeddings, logits columns, stopping); for the compiled step (one C call: products, norms,
+    attention and all) and for the numpy step, whose products (`blas_product`, timed around each call:
+    the streaming kernel where it was built) are split from its other numpy work."""
     from gill_hf.pipelines.decoding_gill import GillDecodingOptions, gill_decode
 
     lm, mask = model.language_model, torch.ones_like(ids)
     token_ids = no_stop_token_ids(model, pad_token_id=0)
     totals = {"blas": 0.0, "step": 0.0, "steps": 0}
-    blas_product, step = cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step
+    blas_product, step, kernels = cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step, cpu_decode_gill.cpu_kernels
 
     def timed_blas(rows, matrix):
         start = time.perf_counter()
@@ -225,25 +233,29 @@ def profile_fused_step(model, ids: torch.Tensor, repeat: int, new_tokens: int) -
 
     cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step = timed_blas, timed_step
     try:
-        samples = []
-        for _ in range(repeat + 1):  # the first is a warm-up
-            run(1)
-            first = time.perf_counter()
-            run(1)
-            first = time.perf_counter() - first
-            totals.update(blas=0.0, step=0.0, steps=0)
-            start = time.perf_counter()
-            run(new_tokens)
-            per_token = (time.perf_counter() - start - first) / totals["steps"]
-            samples.append((per_token, totals["step"] / totals["steps"], totals["blas"] / totals["steps"]))
+        for name, step_kernels in (("compiled step", kernels), ("numpy step", lambda: None)):
+            cpu_decode_gill.cpu_kernels, samples = step_kernels, []
+            for _ in range(repeat + 1):  # the first is a warm-up
+                run(1)
+                first = time.perf_counter()
+                run(1)
+                first = time.perf_counter() - first
+                totals.update(blas=0.0, step=0.0, steps=0)
+                start = time.perf_counter()
+                run(new_tokens)
+                per_token = (time.perf_counter() - start - first) / totals["steps"]
+                samples.append((per_token, totals["step"] / totals["steps"], totals["blas"] / totals["steps"]))
+            per_token, step_seconds, blas = sorted(samples[1:])[repeat // 2]
+            bandwidth, weights = read_bandwidth(repeat), weight_bytes(lm)
+            inside = (f"the step {step_seconds * 1e3:.1f} ms ({weights / step_seconds / 1e9:.1f} GB/s of weights)" if not blas else
+                      f"the products {blas * 1e3:.1f} ms ({weights / blas / 1e9:.1f} GB/s) + the step's other numpy work "
+                      f"{(step_seconds - blas) * 1e3:.1f} ms")
+            print(f"\none token of the pipeline's decoding ({name}), median of {repeat}: {per_token * 1e3:.1f} ms = {inside} + "
+                  f"the loop around it {(per_token - step_seconds) * 1e3:.1f} ms; read bandwidth just after "
+                  f"{bandwidth / 1e9:.1f} GB/s, so the weights alone take {weights / bandwidth * 1e3:.1f} ms (the prompt's pass excluded)")
     finally:
         cpu_decode_gill.blas_product, cpu_decode_gill.NumpyLlamaDecoder.step = blas_product, step
-    per_token, step_seconds, blas = sorted(samples[1:])[repeat // 2]
-    bandwidth = read_bandwidth(repeat)
-    print(f"\none token of the pipeline's decoding (fused step), median of {repeat}: {per_token * 1e3:.1f} ms = the products "
-          f"{blas * 1e3:.1f} ms ({weight_bytes(lm) / blas / 1e9:.1f} GB/s; the prompt's pass excluded) + the step's other numpy "
-          f"work {(step_seconds - blas) * 1e3:.1f} ms + the loop around it {(per_token - step_seconds) * 1e3:.1f} ms; read "
-          f"bandwidth just after {bandwidth / 1e9:.1f} GB/s, so the weights alone take {weight_bytes(lm) / bandwidth * 1e3:.1f} ms")
+        cpu_decode_gill.cpu_kernels = kernels
 
 
 def profile_step(model, ids: torch.Tensor, repeat: int, steps: int = 8) -> None:
@@ -293,7 +305,7 @@ def kernel_bandwidth(lm, repeat: int) -> None:
     """The LM's matmuls alone, at batch 1, on copies of its weight shapes (so nothing stays in cache
     between layers): `F.linear` as the LM calls it, against the same products with the weights stored
     transposed, with oneDNN-packed weights, numpy's OpenBLAS gemv, and as `numpy_blas_linears` routes
-    them (the streaming kernel of `cpu_gemv_gill` where it was built; the last four change the summation
+    them (the streaming kernel of `cpu_kernels_gill` where it was built; the last four change the summation
     order, so they are not bit-identical)."""
     import torch.nn.functional as F
     import torch.utils.mkldnn
@@ -316,7 +328,7 @@ def kernel_bandwidth(lm, repeat: int) -> None:
                 "oneDNN-packed weights": (lambda: [m(inputs[m.weight.shape[1]]) for m in packed], None),
                 "numpy's OpenBLAS gemv": (lambda: [w.numpy().dot(inputs[w.shape[1]][0].numpy()) for w in weights], None),
                 "numpy_blas_linears (default)": (lambda: [m(inputs[m.in_features]) for m in linears], linears)}
-    kernel = "the streaming kernel" if cpu_gemv_gill.streaming_gemv() is not None else "no streaming kernel: numpy's BLAS"
+    kernel = "the streaming kernel" if cpu_kernels_gill.cpu_kernels() is not None else "no streaming kernel: numpy's BLAS"
     print(f"\nthe LM's {len(weights)} matmuls per token (fp32, {total / 2**20:.0f} MiB, distinct weights; read bandwidth "
           f"now {read_bandwidth(repeat) / 1e9:.1f} GB/s; numpy_blas_linears uses {kernel}):")
     with torch.inference_mode():

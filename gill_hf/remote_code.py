@@ -46,7 +46,7 @@ ENTRY_MODULE = REMOTE_CODE_MODULES["gill_model"]
 CODE_FILES = {
     **{p.name: p for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"},
     **{name: _PACKAGE / name for name in ("processing_gill.py", "images.py", "backbones.py", "embedded.py", "retrieval.py")},
-    **{name: _PIPELINES / name for name in ("components_gill.py", "cpu_blas_gill.py", "cpu_decode_gill.py", "cpu_gemv_gill.py",
+    **{name: _PIPELINES / name for name in ("components_gill.py", "cpu_blas_gill.py", "cpu_decode_gill.py", "cpu_kernels_gill.py",
                                             "decoding_gill.py", "utils_gill.py", "pipeline_gill.py")},
 }
 MODEL_FILES = [*(p.name for p in sorted(_MODELING.glob("*.py")) if p.name != "__init__.py"), "backbones.py", "embedded.py"]
@@ -77,7 +77,7 @@ COMPONENT_FILES = {"gill_model": MODEL_FILES, "processor": PROCESSOR_FILES,
                    "retrieval_index": ["retrieval.py", "images.py", "checkpointing.py", "manifest.py"],
                    "unconditional_embedding": ["components_gill.py"]}
 PIPELINE_FILES = [*MODEL_FILES, "processing_gill.py", "images.py", "retrieval.py", "components_gill.py", "cpu_blas_gill.py",
-                  "cpu_decode_gill.py", "cpu_gemv_gill.py", "decoding_gill.py", "utils_gill.py"]
+                  "cpu_decode_gill.py", "cpu_kernels_gill.py", "decoding_gill.py", "utils_gill.py"]
 # diffusers re-executes a component's module when it loads the component, so the class a pipeline signature
 # names is not the loaded component's class and its type check warns: the remote pipeline's signature
 # leaves GILL's components unannotated (diffusers then skips the check)

@@ -4,7 +4,7 @@ At batch 1 a decoding step is a chain of matrix-vector products, bound by how fa
 stream from memory. torch's x86 wheels run them through MKL, which on some CPUs (the AMD EPYC this
 project is measured on) reads well under half the machine's bandwidth; numpy's bundled OpenBLAS
 streams faster and is also faster at the prefill's small matrix products (README, "Benchmarks");
-a one-row product goes to the streaming kernel of `cpu_gemv_gill` where it was built, which reads
+a one-row product goes to the streaming kernel of `cpu_kernels_gill` where it was built, which reads
 about twice as fast per core as OpenBLAS's gemv there. `numpy_blas_linears(model)` routes the
 `nn.Linear` layers of a CPU float32 `model` through `blas_product` for the duration of a `with`
 block; inputs of another dtype or device, and calls that autograd records, take `F.linear` as
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cpu_gemv_gill import streaming_gemv
+from .cpu_kernels_gill import cpu_kernels
 
 try:  # a dependency of gill-hf; a remote-code folder loaded without it keeps torch's matmuls
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -38,13 +38,19 @@ except ImportError:
 
 def blas_product(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """`rows @ matrix.T` for 2-D arrays. One row is a matrix-vector product, which streams the weights
-    once: by the streaming kernel of `cpu_gemv_gill` where it was built (~2x OpenBLAS's gemv per core
+    once: by the streaming kernel of `cpu_kernels_gill` where it was built (~2x OpenBLAS's gemv per core
     where measured), else numpy's BLAS; more rows are a BLAS gemm."""
     if rows.shape[0] != 1:
         return rows.dot(matrix.T)
-    gemv = streaming_gemv()
-    out = None if gemv is None else gemv(matrix, rows[0], _THREADS.product_threads())
+    kernels = cpu_kernels()
+    out = None if kernels is None else kernels.gemv(matrix, rows[0], product_threads())
     return (matrix.dot(rows[0]) if out is None else out)[None]
+
+
+def product_threads() -> int:
+    """Threads for a product: what numpy's BLAS gets inside a `numpy_blas_linears` block (torch is on
+    one thread there), else torch's thread count."""
+    return _THREADS.product_threads()
 
 
 def numpy_linear(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -165,4 +171,4 @@ def numpy_blas_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator
         _THREADS.exit()
 
 
-__all__ = ["blas_product", "numpy_linear", "numpy_linear_op", "numpy_blas_linears"]
+__all__ = ["blas_product", "numpy_linear", "numpy_linear_op", "numpy_blas_linears", "product_threads"]

@@ -1,23 +1,26 @@
-"""A fused CPU decoding step for Llama-family language models, in numpy.
+"""A fused CPU decoding step for Llama-family language models: compiled C for one sequence, numpy
+calls for a batch.
 
 At batch 1 a cached step of a small LM is ~200 matrix-vector products plus thousands of tiny
 operators, and on CPU the tiny ones cost more than their arithmetic: an eager Hugging Face step of
 SmolLM2-135M spends ~3.4 ms in torch operators and ~4 ms in Python module calls around 13 ms of
-weight streaming (README, "Benchmarks"). `NumpyLlamaDecoder` runs the same step as one function
-over numpy views of the model's own weights: the products by `blas_product` exactly as
-`numpy_blas_linears` routes them (the streaming kernel of `cpu_gemv_gill` for the matrix-vector
-products where it was built, else numpy's BLAS; the same calls, so the same bits), RMSNorm, rotary embeddings,
-grouped-query attention over a preallocated KV cache and SwiGLU as a few numpy calls each, and peft
-LoRA layers as their two extra products. `fused_generate` is `generate`'s loop around it, with
+weight streaming (README, "Benchmarks"). `NumpyLlamaDecoder` runs the same step over the model's own
+weights as one function. For one sequence without padding it is one call of the compiled step of
+`cpu_kernels_gill` (products, RMSNorm, rotary embeddings, grouped-query attention over a
+preallocated KV cache, SwiGLU and LoRA in C, threads split inside it) where a C compiler built it.
+Otherwise, and for a batch, it is numpy calls: the products by `blas_product` exactly as
+`numpy_blas_linears` routes them (the streaming kernel for the matrix-vector products where it was
+built, else numpy's BLAS; the same calls, so the same bits), the rest a few numpy calls each, and
+peft LoRA layers as their two extra products. `fused_generate` is `generate`'s loop around it, with
 transformers' `LogitsProcessor`s and `StoppingCriteria` applied as `generate` applies them; the
 prompt's pass (with its images) stays with the model's own forward.
 
 Only what it reproduces is taken: a CPU float32 Llama (`model_type` "llama") with plain or LoRA
 projections without biases, SiLU, full attention, and rotary embeddings that depend on the position
 alone; `NumpyLlamaDecoder.unsupported(model)` names the first thing that does not fit, and the caller
-keeps `generate`. Elementwise operators are numpy's instead of torch's, so logits differ from the
-module path in the last bits (~1e-6 relative); greedy tokens are the same in the tests and the
-benchmarks.
+keeps `generate`. Norms, attention and activations sum in other orders than torch's, so logits
+differ from the module path in the last bits (~1e-6 relative); greedy tokens are the same in the
+tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -28,40 +31,51 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .cpu_blas_gill import blas_product
+from .cpu_blas_gill import blas_product, product_threads
+from .cpu_kernels_gill import LlamaStepTensors, cpu_kernels
 
 _ROPE_BY_POSITION = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
 _SPARE_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM -> [stacked q/k/v arrays not in use]
 
 
 class _Projection:
-    """Bias-free linear layers stacked into one product (a single layer, or q/k/v: one matrix-vector
-    product streams the three weights faster than three), with each layer's LoRA pairs applied to its
-    slice of the output as peft does."""
+    """Bias-free linear layers run as one product with their outputs side by side (a single layer, or
+    q/k/v), with each layer's LoRA pairs applied to its slice of the output as peft does. With `stack`
+    the layers' weights are copied into one matrix (into `out` where it fits): one numpy matrix-vector
+    product streams them faster than three; the compiled step reads them where they are."""
 
-    def __init__(self, *modules: torch.nn.Module, out: np.ndarray | None = None):
+    def __init__(self, *modules: torch.nn.Module, stack: bool = True, out: np.ndarray | None = None):
         bases = [getattr(module, "base_layer", module) for module in modules]
-        weights = [base.weight.detach().numpy() for base in bases]
-        self.weight = weights[0]  # a copy only when stacked, into `out` where it fits
-        if len(weights) > 1:
-            fits = out is not None and out.shape == (sum(w.shape[0] for w in weights), weights[0].shape[1])
-            self.weight = np.concatenate(weights, out=out if fits else None)
-        self.low_rank, start = [], 0
-        for module, base, weight in zip(modules, bases, weights):
+        self.weights = [base.weight.detach().numpy() for base in bases]
+        self.weight = self.weights[0] if len(self.weights) == 1 else None  # the stacked copy, if any
+        if len(self.weights) > 1 and stack:
+            fits = out is not None and out.shape == (sum(w.shape[0] for w in self.weights), self.weights[0].shape[1])
+            self.weight = np.concatenate(self.weights, out=out if fits else None)
+        self.low_rank, self.adapters, start = [], [], 0
+        for module, base, weight in zip(modules, bases, self.weights):
             rows = slice(start, start + weight.shape[0])
-            start = rows.stop
-            if base is module or module.merged or module.disable_adapters:
-                continue
-            for name in module.active_adapters:
-                if name in module.lora_A:
-                    self.low_rank.append((rows, module.lora_A[name].weight.detach().numpy(),
-                                          module.lora_B[name].weight.detach().numpy(), np.float32(module.scaling[name])))
+            start, pairs = rows.stop, []
+            if base is not module and not module.merged and not module.disable_adapters:
+                pairs = [(module.lora_A[name].weight.detach().numpy(), module.lora_B[name].weight.detach().numpy(),
+                          float(module.scaling[name])) for name in module.active_adapters if name in module.lora_A]
+            self.adapters.append(pairs)
+            self.low_rank += [(rows, a, b, np.float32(scaling)) for a, b, scaling in pairs]
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        out = blas_product(rows, self.weight)
+        if self.weight is not None:
+            out = blas_product(rows, self.weight)
+        else:
+            out = np.concatenate([blas_product(rows, weight) for weight in self.weights], axis=1)
         for part, a, b, scaling in self.low_rank:  # peft's order: result + lora_B(lora_A(x)) * scaling
             out[:, part] += blas_product(blas_product(rows, a), b) * scaling
         return out
+
+    def kernel_layers(self) -> list[tuple] | None:
+        """Each layer as `(weight, lora_a, lora_b, lora_scaling)` for the compiled step, or None where a
+        layer has more than one active adapter (the compiled step applies one)."""
+        if any(len(pairs) > 1 for pairs in self.adapters):
+            return None
+        return [(weight, *(pairs[0] if pairs else (None, None, 0.0))) for weight, pairs in zip(self.weights, self.adapters)]
 
 
 def _projection_problem(module: torch.nn.Module) -> str | None:
@@ -83,14 +97,15 @@ def _projection_problem(module: torch.nn.Module) -> str | None:
 
 
 class NumpyLlamaDecoder:
-    """One cached decoding step of a Llama language model for a batch of rows, as numpy calls.
+    """One cached decoding step of a Llama language model for a batch of rows: one compiled call for
+    one sequence without padding (where `cpu_kernels_gill` was built), numpy calls otherwise.
 
     Build it from the LM (`LlamaForCausalLM`), hand it the KV cache of the prompt's pass with
     `start`, then call `step(token_embeddings)` once per new token: it returns the new position's
     logits, the final norm's output and the hidden state of layer `hidden_layer` (transformers'
-    indexing of `output_hidden_states`: 0 the embeddings, -1 the final norm's output). It reads the weights
-    when it is built (q/k/v stacked into one copy per layer, the rest as views): build a new one
-    after changing them.
+    indexing of `output_hidden_states`: 0 the embeddings, -1 the final norm's output). It reads the
+    weights when it is built (as views, except that without the compiled kernels q/k/v are stacked
+    into one copy per layer): build a new one after changing them.
     """
 
     def __init__(self, lm: torch.nn.Module, hidden_layer: int = -1):
@@ -117,24 +132,33 @@ class NumpyLlamaDecoder:
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary = body.rotary_emb
-        # The stacked q/k/v copies (12% of SmolLM2's weights) are refilled at each build, into the
-        # arrays of an earlier decoder of the same LM where one is done with them: fresh ones cost
-        # ~30 ms of page faults, a refill ~4 ms.
-        spare = _SPARE_STACKS.setdefault(lm, [])
+        # The compiled step reads q/k/v where they are; numpy's stacks them. The stacked copies (12% of
+        # SmolLM2's weights) are refilled at each build, into the arrays of an earlier decoder of the
+        # same LM where one is done with them: fresh ones cost ~30 ms of page faults, a refill ~4 ms.
+        self.kernels = cpu_kernels()
+        stack = self.kernels is None
+        spare = _SPARE_STACKS.setdefault(lm, []) if stack else []
         stacks = spare.pop() if spare else []
         stacks = stacks if len(stacks) == len(body.layers) else [None] * len(body.layers)
-        self.layers = []
+        self.layers, kernel_layers = [], []
         for index, layer in enumerate(body.layers):
             attention, mlp = layer.self_attn, layer.mlp
-            qkv = _Projection(attention.q_proj, attention.k_proj, attention.v_proj, out=stacks[index])
+            qkv = _Projection(attention.q_proj, attention.k_proj, attention.v_proj, stack=stack, out=stacks[index])
             stacks[index] = qkv.weight
-            self.layers.append((
-                _norm(layer.input_layernorm), qkv, _Projection(attention.o_proj), _norm(layer.post_attention_layernorm),
-                *(_Projection(getattr(mlp, f"{p}_proj")) for p in ("gate", "up", "down")), np.float32(attention.scaling),
-            ))
-        weakref.finalize(self, _keep_spare, spare, stacks)
-        self.final_norm = _norm(body.norm)
+            norm_1, norm_2 = _RMSNorm(layer.input_layernorm), _RMSNorm(layer.post_attention_layernorm)
+            o, gate, up, down = (_Projection(module) for module in (attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            self.layers.append((norm_1, qkv, o, norm_2, gate, up, down, np.float32(attention.scaling)))
+            projections = [qkv.kernel_layers(), *(projection.kernel_layers() for projection in (o, gate, up, down))]
+            kernel_layers.append(None if None in projections else (
+                norm_1.weight, norm_2.weight, sum(projections, []), norm_1.eps, norm_2.eps, attention.scaling))
+        if stack:
+            weakref.finalize(self, _keep_spare, spare, stacks)
+        self.final_norm = _RMSNorm(body.norm)
         self.head = _Projection(lm.lm_head)
+        head = self.head.kernel_layers()
+        # what the compiled step needs besides the KV cache (None: numpy's step, for every batch)
+        self.kernel_model = None if self.kernels is None or head is None or None in kernel_layers else (
+            kernel_layers, self.final_norm.weight, self.final_norm.eps, head[0])
 
     @staticmethod
     def unsupported(lm: torch.nn.Module) -> str | None:
@@ -188,8 +212,14 @@ class NumpyLlamaDecoder:
         # the model's own rotary module, once for every position the steps will use
         positions = next_positions[:, None] + torch.arange(max_new_tokens)
         cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
-        self.cos, self.sin = cos.numpy()[:, :, None], sin.numpy()[:, :, None]  # (batch, steps, 1, head_dim)
+        self.cos, self.sin = (np.ascontiguousarray(array.numpy()[:, :, None]) for array in (cos, sin))  # (batch, steps, 1, head_dim)
         self.steps = 0
+        # One sequence without padding: each step is one call of the compiled step, on the same cache.
+        self.compiled = None
+        if self.kernel_model is not None and batch == 1 and self.mask is None:
+            layers, final_norm, final_eps, head = self.kernel_model
+            self.compiled = LlamaStepTensors(layers, final_norm, final_eps, head, self.keys[:, 0], self.values[:, 0],
+                                             self.num_heads, self.hidden_layer)
 
     def step(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feeds one token per row (`(batch, hidden)` input embeddings); returns the logits
@@ -197,6 +227,12 @@ class NumpyLlamaDecoder:
         `(batch, hidden)`)."""
         if self.steps == self.cos.shape[1]:
             raise ValueError(f"The decoder was started for {self.steps} steps.")
+        if self.compiled is not None:
+            x = embeddings.numpy()[0].astype(np.float32, copy=True)  # the residual stream, updated in place
+            logits, x, captured = self.kernels.llama_step(
+                self.compiled, x, self.cos[0, self.steps, 0], self.sin[0, self.steps, 0], self.length, product_threads())
+            self.length, self.steps = self.length + 1, self.steps + 1
+            return torch.from_numpy(logits[None]), torch.from_numpy(x[None]), torch.from_numpy(captured[None])
         x = embeddings.numpy()
         batch, slot = x.shape[0], self.length
         cos, sin = self.cos[:, self.steps], self.sin[:, self.steps]
@@ -242,14 +278,15 @@ def _has_foreign_hooks(module: torch.nn.Module) -> bool:
     return "forward" in vars(module) or any(getattr(hook, "__module__", "") != "transformers.utils.output_capturing" for hook in hooks)
 
 
-def _norm(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    weight, eps = module.weight.detach().numpy(), np.float32(module.variance_epsilon)
-    size = np.float32(weight.shape[0])
+class _RMSNorm:
+    """A Llama RMSNorm as numpy calls (np.mean's arithmetic without its Python layers)."""
 
-    def rms_norm(x: np.ndarray) -> np.ndarray:  # np.mean's arithmetic without its Python layers
-        return weight * (x / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / size + eps))
+    def __init__(self, module: torch.nn.Module):
+        self.weight, self.eps = module.weight.detach().numpy(), float(module.variance_epsilon)
+        self._eps, self._size = np.float32(self.eps), np.float32(self.weight.shape[0])
 
-    return rms_norm
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.weight * (x / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / self._size + self._eps))
 
 
 def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, half: int) -> np.ndarray:

@@ -40,11 +40,12 @@ class GillDecodingOptions:
     max_images: int | None = None
     decoding: str = "default"
     # CPU float32 matmuls through numpy while decoding (`cpu_blas_gill`: its BLAS, and the streaming
-    # matrix-vector kernel of `cpu_gemv_gill` where a C compiler built it; the pipeline's `numpy_blas`
+    # matrix-vector kernel of `cpu_kernels_gill` where a C compiler built it; the pipeline's `numpy_blas`
     # attribute): same greedy tokens, ~1.8x the tokens/s where measured; False keeps torch's.
     numpy_blas: bool = True
-    # With numpy's BLAS on, a Llama LM's cached steps run as one fused numpy function (`cpu_decode_gill`)
-    # instead of `generate`'s module calls (~1.4x the tokens/s where measured, same greedy tokens); the
+    # With numpy's BLAS on, a Llama LM's cached steps run as one fused function (`cpu_decode_gill`: one
+    # compiled call per step for one sequence where the C kernels were built, numpy calls otherwise)
+    # instead of `generate`'s module calls (~2x the tokens/s where measured, same greedy tokens); the
     # prompt's pass is unchanged. Models it cannot reproduce decode with `generate` either way.
     fused_step: bool = True
 

@@ -75,9 +75,9 @@ class GillPipeline(DiffusionPipeline, StableDiffusionMixin):
         numpy_blas (`bool`, defaults to `True`): on CPU in float32, decode with the model's linear
             layers computed by numpy's BLAS (`cpu_blas_gill`: the same greedy tokens, about twice the
             tokens/s where torch's BLAS is MKL on an AMD CPU) and, for a Llama LM, its cached steps as one
-            fused numpy function (`cpu_decode_gill`, about 1.4x more), whose matrix-vector products run in a
-            streaming kernel that the system's C compiler builds on first use (`cpu_gemv_gill`; numpy's
-            BLAS without a compiler or with `GILL_HF_GEMV_KERNEL=0`); `pipe.numpy_blas = False` keeps
+            fused function (`cpu_decode_gill`, about 2x more): for one prompt, one call of a compiled step
+            that the system's C compiler builds on first use (`cpu_kernels_gill`; numpy calls and numpy's
+            BLAS without a compiler or with `GILL_HF_CPU_KERNELS=0`); `pipe.numpy_blas = False` keeps
             torch's modules and matmuls.
     """
 

@@ -1,5 +1,6 @@
-"""The fused numpy decoding step for Llama LMs (pipelines/cpu_decode_gill.py) against the model's own
-modules. Budget: about 1 s of tests plus ~3 s to load the shipped GILL-tiny (7-10 s with the imports) on 2 cores."""
+"""The fused decoding step for Llama LMs (pipelines/cpu_decode_gill.py), compiled (one sequence, where
+a C compiler built the kernels) and as numpy calls, against the model's own modules. Budget: about 3 s
+of tests plus ~3 s to load the shipped GILL-tiny (7-10 s with the imports) on 2 cores."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gill_hf.modeling.lora_gill import apply_lora
 from gill_hf.pipelines import cpu_decode_gill
 from gill_hf.pipelines.cpu_blas_gill import numpy_blas_linears
 from gill_hf.pipelines.cpu_decode_gill import NumpyLlamaDecoder
+from gill_hf.pipelines.cpu_kernels_gill import cpu_kernels
 from gill_hf.pipelines.decoding_gill import GillDecodingOptions, GillTokenIds, gill_decode
 
 ROPES = {"default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -26,6 +28,17 @@ ROPES = {"default": {"rope_type": "default", "rope_theta": 10000.0},
 def two_threads():
     with torch_threads(2):
         yield
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def step_kind(request, monkeypatch):
+    """The fused step with the compiled kernels (a one-sequence decoding runs as compiled C), or without
+    them (numpy calls for every batch, q/k/v stacked)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu_decode_gill, "cpu_kernels", lambda: None)
+    elif cpu_kernels() is None:
+        pytest.skip("no C compiler: the compiled step is not built")
+    return request.param
 
 
 def gqa_gill(rope: str = "default", seed: int = 3, tie: bool = False, **text_overrides):
@@ -63,13 +76,15 @@ def module_steps(lm, input_ids, mask, tokens, layer):
     return out
 
 
-def fused_steps(lm, input_ids, mask, tokens, layer):
+def fused_steps(lm, input_ids, mask, tokens, layer, compiled: bool | None = None):
+    """The decoder's steps: logits and layer states; `compiled` (if given): whether it must run compiled."""
     decoder = NumpyLlamaDecoder(lm, layer)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=lm.config)
     with numpy_blas_linears(lm):
         lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         decoder.start(cache, mask, positions[:, -1] + 1, len(tokens))
+        assert compiled is None or (decoder.compiled is not None) == compiled
         out = []
         for token in tokens:
             logits, _, hidden = decoder.step(lm.get_input_embeddings()(token))
@@ -77,29 +92,39 @@ def fused_steps(lm, input_ids, mask, tokens, layer):
     return out
 
 
+# the rows of `padded_prompts` decoded: one sequence (compiled where built), one left-padded
+# sequence and a padded batch (numpy calls: the compiled step takes one sequence without padding)
+ROWS = {"one": slice(0, 1), "one padded": slice(1, 2), "batch": slice(0, 3)}
+
+
 @pytest.mark.parametrize("rope", sorted(ROPES))
 @pytest.mark.parametrize("layer", [-1, 0, 2])
+@pytest.mark.parametrize("rows", sorted(ROWS))
 @torch.no_grad()
-def test_each_step_matches_the_models_own_modules(rope, layer):
+def test_each_step_matches_the_models_own_modules(rope, layer, rows, step_kind):
     lm = gqa_gill(rope).language_model
-    input_ids, mask = padded_prompts()
-    tokens = list(torch.randint(4, 290, (6, 3), generator=torch.Generator().manual_seed(2)))
+    input_ids, mask = (tensor[ROWS[rows]] for tensor in padded_prompts())
+    tokens = list(torch.randint(4, 290, (6, input_ids.shape[0]), generator=torch.Generator().manual_seed(2)))
     with numpy_blas_linears(lm):
         expected = module_steps(lm, input_ids, mask, tokens, layer)
-    for (logits, hidden), (want_logits, want_hidden) in zip(fused_steps(lm, input_ids, mask, tokens, layer), expected, strict=True):
+    got = fused_steps(lm, input_ids, mask, tokens, layer, compiled=step_kind == "compiled" and rows == "one")
+    for (logits, hidden), (want_logits, want_hidden) in zip(got, expected, strict=True):
         torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(hidden, want_hidden, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", ["one", "batch"])
 @torch.no_grad()
-def test_lora_layers_are_applied_as_peft_applies_them():
-    model = gqa_gill()
-    apply_lora(model, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+def test_lora_layers_are_applied_as_peft_applies_them(rows, step_kind):
+    model = gqa_gill()  # untied: merging the head's adapter leaves the input embeddings alone
+    apply_lora(model, r=4, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "lm_head"])
     for name, param in model.language_model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero: give the adapters an effect
             param.normal_(std=0.5)
-    lm, (input_ids, mask) = model.language_model, padded_prompts()
-    tokens = list(torch.randint(4, 290, (4, 3), generator=torch.Generator().manual_seed(2)))
+    lm, (input_ids, mask) = model.language_model, (tensor[ROWS[rows]] for tensor in padded_prompts())
+    tokens = list(torch.randint(4, 290, (4, input_ids.shape[0]), generator=torch.Generator().manual_seed(2)))
+    if step_kind == "compiled" and rows == "one":
+        assert NumpyLlamaDecoder(lm).kernel_model is not None  # each layer's adapter in the compiled step
     with numpy_blas_linears(lm):
         expected = module_steps(lm, input_ids, mask, tokens, -1)
     got = fused_steps(lm, input_ids, mask, tokens, -1)
@@ -122,18 +147,45 @@ def test_lora_layers_are_applied_as_peft_applies_them():
 
 
 @torch.no_grad()
-def test_a_decoder_built_after_new_weights_reads_them_not_an_earlier_decoders_copy():
+def test_two_active_adapters_on_a_layer_leave_the_step_to_numpy():
+    """The compiled step applies one LoRA pair per layer; with two active, the numpy calls run instead."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = gqa_gill()
+    apply_lora(model, r=4, target_modules=["q_proj"])
+    lm = model.language_model
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), lm, adapter_name="second")
+    for module in lm.modules():
+        if hasattr(module, "lora_A"):
+            module.set_adapter(["default", "second"])
+    for name, param in lm.named_parameters():
+        if "lora_B" in name:
+            param.normal_(std=0.5)
+    assert NumpyLlamaDecoder(lm).kernel_model is None
+    input_ids, mask = (tensor[:1] for tensor in padded_prompts())
+    tokens = list(torch.randint(4, 290, (3, 1), generator=torch.Generator().manual_seed(2)))
+    with numpy_blas_linears(lm):
+        expected = module_steps(lm, input_ids, mask, tokens, -1)
+    for (logits, _), (want, _) in zip(fused_steps(lm, input_ids, mask, tokens, -1, compiled=False), expected, strict=True):
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_decoder_built_after_new_weights_reads_them_not_an_earlier_decoders_copy(step_kind):
     lm = gqa_gill().language_model
-    input_ids, mask = padded_prompts()
-    tokens = [torch.tensor([5, 6, 7])]
-    before = fused_steps(lm, input_ids, mask, tokens, -1)  # its stacked q/k/v arrays go back to the spares
-    assert len(cpu_decode_gill._SPARE_STACKS[lm]) == 1
-    alive = [NumpyLlamaDecoder(lm) for _ in range(3)]  # one takes the spare set, two build their own
-    assert not cpu_decode_gill._SPARE_STACKS[lm] and len({id(d.layers[0][1].weight) for d in alive}) == 3
-    del alive
-    assert len(cpu_decode_gill._SPARE_STACKS[lm]) == 1  # one set kept, not one per decoder
+    input_ids, mask = padded_prompts() if step_kind == "numpy" else (tensor[:1] for tensor in padded_prompts())
+    tokens = [torch.tensor([5, 6, 7])[: input_ids.shape[0]]]
+    before = fused_steps(lm, input_ids, mask, tokens, -1)  # numpy: its stacked q/k/v arrays go back to the spares
+    if step_kind == "numpy":
+        assert len(cpu_decode_gill._SPARE_STACKS[lm]) == 1
+        alive = [NumpyLlamaDecoder(lm) for _ in range(3)]  # one takes the spare set, two build their own
+        assert not cpu_decode_gill._SPARE_STACKS[lm] and len({id(d.layers[0][1].weight) for d in alive}) == 3
+        del alive
+        assert len(cpu_decode_gill._SPARE_STACKS[lm]) == 1  # one set kept, not one per decoder
+    else:  # the compiled step reads q/k/v where they are: no copies
+        assert lm not in cpu_decode_gill._SPARE_STACKS and NumpyLlamaDecoder(lm).layers[0][1].weight is None
     lm.model.layers[0].self_attn.k_proj.weight.mul_(3.0)  # in place: same storage
-    after = fused_steps(lm, input_ids, mask, tokens, -1)
+    after = fused_steps(lm, input_ids, mask, tokens, -1, compiled=step_kind == "compiled")
     with numpy_blas_linears(lm):
         want = module_steps(lm, input_ids, mask, tokens, -1)
     assert not torch.allclose(before[0][0], after[0][0], atol=1e-3)
@@ -145,18 +197,20 @@ def test_a_decoder_built_after_new_weights_reads_them_not_an_earlier_decoders_co
     dict(max_new_tokens=6, decoding="reference", ret_scale_factor=1.3, min_word_tokens=1),
     dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9),
 ])
-def test_gill_decode_gives_the_same_answers_as_generate(settings, monkeypatch):
+@pytest.mark.parametrize("rows", ["one", "batch"])
+def test_gill_decode_gives_the_same_answers_as_generate(settings, rows, monkeypatch):
     model = gqa_gill(tie=True)
-    input_ids, mask = padded_prompts()
+    input_ids, mask = (tensor[ROWS[rows]] for tensor in padded_prompts())
     steps = []
     step = NumpyLlamaDecoder.step
-    monkeypatch.setattr(NumpyLlamaDecoder, "step", lambda self, e: steps.append(1) or step(self, e))
+    monkeypatch.setattr(NumpyLlamaDecoder, "step", lambda self, e: steps.append(self.compiled is not None) or step(self, e))
     results = {}
     for fused in (False, True):
-        generators = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+        generators = [torch.Generator().manual_seed(10 + i) for i in range(input_ids.shape[0])]
         options = GillDecodingOptions(fused_step=fused, **settings)
         results[fused] = gill_decode(model, input_ids, mask, None, options, token_ids(model), generators)
         assert bool(steps) == fused
+    assert all(steps) == (rows == "one" and cpu_kernels() is not None)  # one sequence: the compiled step
     if "gen_scale_factor" in settings:
         assert sum(len(row.block_starts) for row in results[True]) > 0
     for module_row, fused_row in zip(results[False], results[True]):

@@ -1,6 +1,7 @@
-"""The streaming matrix-vector kernel of CPU decoding: values, where it applies, the build's files
-(only its own, never half a library, a damaged one rebuilt), the fallback to numpy's BLAS, fork, and
-a decoding through it. Budget: ~5 s (a few builds of a 20-line C file)."""
+"""The compiled CPU kernels of decoding (the streaming matrix-vector product and the Llama step):
+values, where they apply, the build's files (only its own, never half a library, a damaged one
+rebuilt), the fallback to numpy, fork, and a decoding through them. Budget: ~5 s (a few builds of a
+150-line C file). The compiled step's values against the model's modules: tests/test_cpu_decode.py."""
 
 import multiprocessing
 import sys
@@ -8,23 +9,24 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch_threads import torch_threads
 
-from gill_hf.pipelines import cpu_gemv_gill
+from gill_hf.pipelines import cpu_kernels_gill
 from gill_hf.pipelines.cpu_blas_gill import blas_product
-from gill_hf.pipelines.cpu_gemv_gill import MIN_WEIGHTS, build_kernel, streaming_gemv
+from gill_hf.pipelines.cpu_kernels_gill import MIN_WEIGHTS, build_kernel, cpu_kernels
 
-COMPILER = cpu_gemv_gill._compiler()
-needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler: the kernel is not built, numpy's BLAS is used")
+COMPILER = cpu_kernels_gill._compiler()
+needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler: the kernels are not built, numpy computes")
 PLAIN, NATIVE = ["-O3", "-ffp-contract=off"], ["-O3", "-ffp-contract=off", "-march=native", "-fopenmp"]
 
 
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
-    """`streaming_gemv` loaded anew with a cache in `tmp_path` (and again as it was afterwards)."""
+    """`cpu_kernels` loaded anew with a cache in `tmp_path` (and again as it was afterwards)."""
     monkeypatch.setenv("GILL_HF_CACHE", str(tmp_path))
-    streaming_gemv.cache_clear()
+    cpu_kernels.cache_clear()
     yield tmp_path
-    streaming_gemv.cache_clear()
+    cpu_kernels.cache_clear()
 
 
 def random_problem(shape, seed=0):
@@ -36,8 +38,7 @@ def random_problem(shape, seed=0):
 @pytest.mark.parametrize("shape", [(1536, 576), (577, 1000), (6144, 576), (113, 640)])
 def test_values_match_float64_and_do_not_depend_on_threads(shape):
     matrix, vector = random_problem(shape)
-    gemv = streaming_gemv()
-    assert gemv is not None
+    gemv = cpu_kernels().gemv
     one, two = gemv(matrix, vector, 1), gemv(matrix, vector, 2)
     exact = matrix.astype(np.float64) @ vector.astype(np.float64)
     assert one.dtype == np.float32 and one.shape == (shape[0],)
@@ -48,8 +49,8 @@ def test_values_match_float64_and_do_not_depend_on_threads(shape):
 @needs_compiler
 @pytest.mark.skipif(sys.platform != "linux", reason="gcc's OpenMP is what this checks")
 def test_the_library_is_built_with_openmp_and_rounds_as_a_plain_build(tmp_path):
-    assert streaming_gemv().flags == NATIVE  # the threaded build, not a fallback
-    plain, native = (cpu_gemv_gill._load(build_kernel(tmp_path, flags, COMPILER)) for flags in (PLAIN, NATIVE))
+    assert cpu_kernels().flags == NATIVE  # the threaded build, not a fallback
+    plain, native = (cpu_kernels_gill._load(build_kernel(tmp_path, flags, COMPILER)).gill_gemv for flags in (PLAIN, NATIVE))
     matrix, vector = random_problem((777, 1000), seed=5)
     outputs = []
     for function in (plain, native):
@@ -61,7 +62,7 @@ def test_the_library_is_built_with_openmp_and_rounds_as_a_plain_build(tmp_path):
 
 @needs_compiler
 def test_arrays_not_for_the_kernel_are_declined():
-    gemv = streaming_gemv()
+    gemv = cpu_kernels().gemv
     matrix, vector = random_problem((512, 512), seed=1)
     assert gemv(matrix, vector, 2) is not None
     assert gemv(matrix.astype(np.float64), vector, 2) is None
@@ -80,7 +81,7 @@ def test_arrays_not_for_the_kernel_are_declined():
 def test_blas_product_takes_the_kernel_for_one_row_and_numpy_otherwise():
     matrix, _ = random_problem((1536, 576), seed=2)
     rows = np.random.default_rng(3).standard_normal((3, 576), dtype=np.float32)
-    kernel_out = streaming_gemv()(matrix, rows[0], 2)
+    kernel_out = cpu_kernels().gemv(matrix, rows[0], 2)
     assert not np.array_equal(kernel_out, matrix.dot(rows[0]))  # the two sum in different orders
     assert np.array_equal(blas_product(rows[:1], matrix), kernel_out[None])
     assert np.array_equal(blas_product(rows, matrix), rows.dot(matrix.T))
@@ -107,8 +108,7 @@ def test_build_writes_only_its_library_and_reuses_it(tmp_path):
 
 @needs_compiler
 def test_first_use_builds_into_the_gill_cache(fresh_kernel):
-    gemv = streaming_gemv()
-    assert gemv is not None
+    assert cpu_kernels() is not None
     assert [p.suffix for p in (fresh_kernel / "kernels").iterdir()] == [".so"]
 
 
@@ -119,36 +119,36 @@ def test_a_damaged_library_in_the_cache_is_built_again(fresh_kernel):
     # process that has it mapped, which is why builds rename a new file over the old one instead
     library = build_kernel(fresh_kernel / "kernels", NATIVE, COMPILER)
     library.write_bytes(b"not a shared library")
-    gemv = streaming_gemv()
-    assert gemv is not None and gemv.flags == NATIVE  # not a fallback build
+    kernels = cpu_kernels()
+    assert kernels is not None and kernels.flags == NATIVE  # not a fallback build
     assert [p.name for p in (fresh_kernel / "kernels").iterdir()] == [library.name]
     assert library.stat().st_size > 1000  # built again under the same name
     matrix, vector = random_problem((1536, 576))
-    np.testing.assert_allclose(gemv(matrix, vector, 2), matrix @ vector, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kernels.gemv(matrix, vector, 2), matrix @ vector, rtol=1e-4, atol=1e-4)
 
 
 def test_turned_off_without_a_compiler_or_on_any_error_numpy_computes(fresh_kernel, monkeypatch):
     matrix, vector = random_problem((1536, 576), seed=3)
     row = vector[None]
-    monkeypatch.setenv("GILL_HF_GEMV_KERNEL", "0")
-    assert streaming_gemv() is None
+    monkeypatch.setenv("GILL_HF_CPU_KERNELS", "0")
+    assert cpu_kernels() is None
     assert np.array_equal(blas_product(row, matrix), matrix.dot(row[0])[None])
-    monkeypatch.delenv("GILL_HF_GEMV_KERNEL")
-    streaming_gemv.cache_clear()
+    monkeypatch.delenv("GILL_HF_CPU_KERNELS")
+    cpu_kernels.cache_clear()
     monkeypatch.setenv("CC", "'unbalanced")
     monkeypatch.setenv("PATH", str(fresh_kernel))  # no compiler on it
-    assert cpu_gemv_gill._compiler() is None and streaming_gemv() is None
+    assert cpu_kernels_gill._compiler() is None and cpu_kernels() is None
     assert not (fresh_kernel / "kernels").exists()
     monkeypatch.undo()
-    streaming_gemv.cache_clear()
+    cpu_kernels.cache_clear()
 
     def broken_cache_root():
         raise RuntimeError("Could not determine home directory.")
 
     monkeypatch.setattr("gill_hf.embedded.cache_root", broken_cache_root)
-    assert streaming_gemv() is None  # reported, not raised: decoding goes on with numpy
+    assert cpu_kernels() is None  # reported, not raised: decoding goes on with numpy
     assert np.array_equal(blas_product(row, matrix), matrix.dot(row[0])[None])
-    streaming_gemv.cache_clear()
+    cpu_kernels.cache_clear()
 
 
 def _child_product(queue):
@@ -160,7 +160,7 @@ def _child_product(queue):
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
 def test_a_forked_child_computes_after_the_parent_used_threads():
     matrix, vector = random_problem((1536, 576), seed=4)
-    assert streaming_gemv()(matrix, vector, 2) is not None  # the parent's OpenMP pool is up
+    assert cpu_kernels().gemv(matrix, vector, 2) is not None  # the parent's OpenMP pool is up
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child_product, args=(queue,))
@@ -172,40 +172,91 @@ def test_a_forked_child_computes_after_the_parent_used_threads():
     assert not hung and child.exitcode == 0 and queue.get(timeout=5) is True
 
 
+class _Counted:
+    """`cpu_kernels()` with its calls counted by kind (None: that call declined its arrays)."""
+
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, []
+
+    def gemv(self, *args):
+        out = self.kernels.gemv(*args)
+        self.calls.append("gemv" if out is not None else None)
+        return out
+
+    def llama_step(self, *args):
+        self.calls.append("step")
+        return self.kernels.llama_step(*args)
+
+
 @needs_compiler
-def test_decoding_through_the_kernel_gives_the_same_answers(monkeypatch):
-    """A GILL on a Llama wide enough for the kernel (256 x 512 MLP): the fused step with the kernel,
-    with numpy's BLAS, and torch's matmuls give the same tokens, blocks and [IMG] states."""
+def test_decoding_through_the_kernels_gives_the_same_answers(monkeypatch):
+    """A GILL on a Llama wide enough for the gemv (256 x 512 MLP): the compiled step, the numpy step with
+    the streaming gemv, with numpy's BLAS, and torch's matmuls give the same tokens, blocks and [IMG] states."""
     from test_cpu_decode import gqa_gill, padded_prompts, token_ids
-    from torch_threads import torch_threads
 
     from gill_hf.pipelines.decoding_gill import GillDecodingOptions, gill_decode
 
     model = gqa_gill(tie=True, hidden_size=256, intermediate_size=512, head_dim=64, initializer_range=0.1)
     input_ids, mask = padded_prompts()
     input_ids, mask = input_ids[:1], mask[:1]  # one row: matrix-vector products
-    computed, gemv = [], streaming_gemv()
-
-    def counted(*args):
-        out = gemv(*args)
-        computed.append(out is not None)
-        return out
-
-    monkeypatch.setattr("gill_hf.pipelines.cpu_blas_gill.streaming_gemv", lambda: counted)
-    results, counts = {}, {}
+    counted = _Counted(cpu_kernels())
+    paths = {"compiled step": (counted, counted, {}), "numpy step": (None, counted, {}),
+             "numpy BLAS": (None, None, {}), "torch": (counted, counted, dict(numpy_blas=False))}
+    results, calls = {}, {}
     with torch_threads(2):
-        for name, settings in {"kernel": {}, "torch": dict(numpy_blas=False)}.items():
-            computed.clear()
+        for name, (step_kernels, product_kernels, settings) in paths.items():
+            monkeypatch.setattr("gill_hf.pipelines.cpu_decode_gill.cpu_kernels", lambda: step_kernels)
+            monkeypatch.setattr("gill_hf.pipelines.cpu_blas_gill.cpu_kernels", lambda: product_kernels)
+            counted.calls.clear()
             options = GillDecodingOptions(max_new_tokens=16, gen_scale_factor=3.0, **settings)
             results[name] = gill_decode(model, input_ids, mask, None, options, token_ids(model), [None])[0]
-            counts[name] = sum(computed)
-        monkeypatch.setattr("gill_hf.pipelines.cpu_blas_gill.streaming_gemv", lambda: None)  # numpy's BLAS
-        options = GillDecodingOptions(max_new_tokens=16, gen_scale_factor=3.0)
-        results["numpy"] = gill_decode(model, input_ids, mask, None, options, token_ids(model), [None])[0]
-    # per layer and step: stacked q/k/v, o, gate, up, down (512 x 256 each and more), 2 layers... 15 steps
-    assert counts["kernel"] >= 15 * 3 * 5 and counts["torch"] == 0
-    assert len(set(results["kernel"].token_ids)) > 8 and results["kernel"].block_starts  # varied text and an [IMG] block
-    for name in ("torch", "numpy"):
-        assert results[name].token_ids == results["kernel"].token_ids
-        assert results[name].block_starts == results["kernel"].block_starts
-        torch.testing.assert_close(results[name].img_hidden_states, results["kernel"].img_hidden_states, rtol=1e-5, atol=1e-5)
+            calls[name] = {kind: counted.calls.count(kind) for kind in ("step", "gemv")}
+    # 15 steps; the numpy step: per layer and step the stacked q/k/v, o, gate, up and down, then the
+    # head (320 x 256); the prompt's pass is a gemm
+    assert calls["compiled step"] == {"step": 15, "gemv": 0} and calls["torch"] == {"step": 0, "gemv": 0}
+    assert calls["numpy step"] == {"step": 0, "gemv": 15 * (model.config.text_config.num_hidden_layers * 5 + 1)}
+    assert len(set(results["torch"].token_ids)) > 8 and results["torch"].block_starts  # varied text and an [IMG] block
+    for name in ("compiled step", "numpy step", "numpy BLAS"):
+        assert results[name].token_ids == results["torch"].token_ids
+        assert results[name].block_starts == results["torch"].block_starts
+        torch.testing.assert_close(results[name].img_hidden_states, results["torch"].img_hidden_states, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@torch.no_grad()
+def test_the_compiled_step_gives_the_same_bits_on_any_thread_count_and_refuses_wrong_arrays():
+    """Each output of the step is computed by one thread in a fixed order (rows of a product, a key/value
+    head's attention; norms on one thread), so 1 and 3 threads agree to the bit."""
+    from test_cpu_decode import fused_steps, gqa_gill, padded_prompts
+
+    from transformers import DynamicCache
+
+    from gill_hf.modeling.lora_gill import apply_lora
+    from gill_hf.pipelines.cpu_decode_gill import NumpyLlamaDecoder
+
+    model = gqa_gill(tie=True, hidden_size=128, intermediate_size=320, head_dim=32)
+    apply_lora(model, r=4, target_modules=["q_proj", "o_proj", "up_proj", "down_proj"])
+    for name, param in model.language_model.named_parameters():
+        if "lora_B" in name:
+            param.normal_(std=0.5)
+    lm, (input_ids, mask) = model.language_model, padded_prompts()
+    tokens = list(torch.randint(4, 290, (5, 1), generator=torch.Generator().manual_seed(4)))
+    runs = []
+    for threads in (1, 3):
+        with torch_threads(threads):
+            runs.append(fused_steps(lm, input_ids[:1], mask[:1], tokens, 2, compiled=True))
+    for (logits_1, hidden_1), (logits_3, hidden_3) in zip(*runs, strict=True):
+        assert torch.equal(logits_1, logits_3) and torch.equal(hidden_1, hidden_3)
+
+    decoder, kernels, cache = NumpyLlamaDecoder(lm), cpu_kernels(), DynamicCache(config=lm.config)
+    lm(input_ids=input_ids[:1], cache=cache, use_cache=True)  # 9 positions
+    decoder.start(cache, mask[:1], torch.tensor([9]), 4)
+    x, cos, sin = np.zeros(128, np.float32), decoder.cos[0, 0, 0], decoder.sin[0, 0, 0]
+    for bad in (dict(x=np.zeros(64, np.float32)), dict(x=np.zeros(128)), dict(cos=cos[:16]), dict(slot=13),
+                dict(x=np.zeros(256, np.float32)[::2])):
+        arguments = dict(x=x, cos=cos, sin=sin, slot=9) | bad
+        with pytest.raises(ValueError, match="llama_step: arrays of the wrong shape or layout"):
+            kernels.llama_step(decoder.compiled, arguments["x"], arguments["cos"], arguments["sin"], arguments["slot"], 2)
+    logits, _, _ = kernels.llama_step(decoder.compiled, x, cos, sin, 9, 2)
+    assert logits.shape == (lm.config.vocab_size,) and np.isfinite(logits).all()
+
