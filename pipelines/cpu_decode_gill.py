@@ -25,6 +25,7 @@ tests and the benchmarks.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ import torch
 from .cpu_blas_gill import blas_product, product_threads
 from .cpu_kernels_gill import LlamaStepTensors, cpu_kernels
 
+logger = logging.getLogger(__name__)
 _ROPE_BY_POSITION = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
 _SPARE_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM -> [stacked q/k/v arrays not in use]
 
@@ -156,9 +158,14 @@ class NumpyLlamaDecoder:
         self.final_norm = _RMSNorm(body.norm)
         self.head = _Projection(lm.lm_head)
         head = self.head.kernel_layers()
-        # what the compiled step needs besides the KV cache (None: numpy's step, for every batch)
-        self.kernel_model = None if self.kernels is None or head is None or None in kernel_layers else (
-            kernel_layers, self.final_norm.weight, self.final_norm.eps, head[0])
+        # the compiled step's tensors (None: numpy's step, for every batch)
+        self.kernel_model = None
+        if self.kernels is not None and head is not None and None not in kernel_layers:
+            try:
+                self.kernel_model = LlamaStepTensors(kernel_layers, self.final_norm.weight, self.final_norm.eps, head[0],
+                                                     self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_layer)
+            except ValueError as error:  # weights it cannot read in place (strided, ...): numpy's step reads them
+                logger.debug("the compiled decoding step is not used: %s", error)
 
     @staticmethod
     def unsupported(lm: torch.nn.Module) -> str | None:
@@ -217,9 +224,8 @@ class NumpyLlamaDecoder:
         # One sequence without padding: each step is one call of the compiled step, on the same cache.
         self.compiled = None
         if self.kernel_model is not None and batch == 1 and self.mask is None:
-            layers, final_norm, final_eps, head = self.kernel_model
-            self.compiled = LlamaStepTensors(layers, final_norm, final_eps, head, self.keys[:, 0], self.values[:, 0],
-                                             self.num_heads, self.hidden_layer)
+            self.kernel_model.start(self.keys[:, 0], self.values[:, 0])
+            self.compiled = self.kernel_model
 
     def step(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feeds one token per row (`(batch, hidden)` input embeddings); returns the logits

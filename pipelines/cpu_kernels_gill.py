@@ -13,7 +13,7 @@ GB/s per core like `sum()`. `gill_gemv` is that loop over a matrix's rows, split
 `gill_llama_step` is the fused step of `cpu_decode_gill` for one sequence in one call: inside a
 single OpenMP parallel region, each layer's products split their rows between the threads (q/k/v as
 one range of rows over the three weights where they lie, gate and up row by row with SiLU applied
-as each pair is done, o and down adding into the residual stream), attention splits its key/value
+as each pair is done, o and down adding into the residual stream), attention splits its query
 heads, and the norms run on one thread between barriers. numpy's step spends ~2.7 ms a token in
 ~45 numpy calls per layer and its products restart their threads ~200 times; here a token is one
 ctypes call, and SmolLM2-135M decodes ~1.2x faster than the numpy step on the same products
@@ -341,15 +341,16 @@ class CpuKernels:
 
     def llama_step(self, step: LlamaStepTensors, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, slot: int,
                    threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One cached decoding step of the Llama model in `step` for one sequence: `x` (the token's
-        embedding, `(hidden,)`, overwritten), the rotary `cos`/`sin` of its position (`(head_dim,)`), its
-        `slot` in the KV cache. Returns the logits, the final norm's output and the captured hidden state."""
-        arrays = (x, cos, sin, step.keys, step.values, step.scratch)
-        if not all(_kernel_array(array, array.ndim) for array in arrays) or x.shape != (step.dims[1],) or (
-                cos.shape != sin.shape or cos.shape != (step.dims[4],) or not 0 <= slot < step.dims[7]):
-            raise ValueError("llama_step: arrays of the wrong shape or layout for this model")
+        """One cached decoding step of the Llama model in `step` (started on a KV cache) for one
+        sequence: `x` (the token's embedding, `(hidden,)`, overwritten), the rotary `cos`/`sin` of its
+        position (`(head_dim,)`), its `slot` in the KV cache. Returns the logits, the final norm's output
+        (`x`) and the hidden state of layer `step.capture`."""
+        hidden, head_dim, capacity = step.hidden, step.head_dim, step.capacity
+        if step.keys is None or not all(_kernel_array(array, 1) for array in (x, cos, sin)) or not x.flags.writeable or (
+                x.shape != (hidden,) or cos.shape != (head_dim,) or sin.shape != (head_dim,) or not 0 <= slot < capacity):
+            raise ValueError("llama_step: arrays of the wrong shape or layout for this model, or a step not started")
         step.dims[8] = slot
-        logits, captured = np.empty(step.dims[6], np.float32), np.empty(step.dims[1], np.float32)
+        logits, captured = np.empty(step.vocab, np.float32), np.empty(hidden, np.float32)
         self.library.gill_llama_step(
             step.tensors.ctypes.data, step.ranks.ctypes.data, step.scalars.ctypes.data, step.dims.ctypes.data,
             step.keys.ctypes.data, step.values.ctypes.data, cos.ctypes.data, sin.ctypes.data, x.ctypes.data,
@@ -358,42 +359,75 @@ class CpuKernels:
 
 
 class LlamaStepTensors:
-    """What `CpuKernels.llama_step` reads, laid out for its C function: each layer as
-    `(norm_1, norm_2, [(weight, lora_a, lora_b, lora_scaling) for q k v o gate up down], eps_1, eps_2,
-    attention_scaling)`, then the final norm, its eps and the head `(weight, lora_a, lora_b,
-    lora_scaling)` (lora_a/lora_b None without LoRA); the KV cache `keys`/`values` as
-    `(layers, kv_heads, capacity, head_dim)`. It keeps every array alive while it holds their addresses."""
+    """What `CpuKernels.llama_step` reads, laid out for its C function and checked against the shapes it
+    assumes: each layer as `(norm_1, norm_2, [(weight, lora_a, lora_b, lora_scaling) for q k v o gate up
+    down], eps_1, eps_2, attention_scaling)`, then the final norm, its eps and the head `(weight,
+    lora_a, lora_b, lora_scaling)` (lora_a/lora_b None without LoRA); `capture`: the hidden state
+    returned (0 the embeddings, `len(layers)` the final norm's output). Raises ValueError for arrays
+    the C code cannot read as they are (another dtype, strided, unaligned) or of inconsistent shapes.
+    `start(keys, values)` binds a KV cache. It keeps every array alive while it holds their addresses."""
 
-    def __init__(self, layers: list, final_norm: np.ndarray, final_eps: float, head: tuple, keys: np.ndarray,
-                 values: np.ndarray, num_heads: int, capture: int):
-        projections = [projection for layer in layers for projection in layer[2]] + [head]
-        self.arrays = [array for layer in layers for array in layer[:2]] + [final_norm] + [
-            array for projection in projections for array in projection[:3] if array is not None]
-        for array in self.arrays + [keys, values]:
-            if not _kernel_array(array, array.ndim):
-                raise ValueError("LlamaStepTensors: every tensor must be an aligned C-contiguous float32 array")
-        num_layers, kv_heads, capacity, head_dim = keys.shape
+    def __init__(self, layers: list, final_norm: np.ndarray, final_eps: float, head: tuple, num_heads: int,
+                 num_kv_heads: int, head_dim: int, capture: int):
         hidden, intermediate, vocab = final_norm.shape[0], layers[0][2][4][0].shape[0], head[0].shape[0]
-        max_rank = max((projection[1].shape[0] for projection in projections if projection[1] is not None), default=0)
-        addresses, self.ranks, scalars = [], [], []
+        q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
+        if num_kv_heads < 1 or num_heads % num_kv_heads or head_dim % 2 or not 0 <= capture <= len(layers):
+            raise ValueError("LlamaStepTensors: heads, key/value heads, head_dim or capture out of range")
+        shapes = [(q_rows, hidden), (kv_rows, hidden), (kv_rows, hidden), (hidden, q_rows), (intermediate, hidden),
+                  (intermediate, hidden), (hidden, intermediate)]
+        checked = [(final_norm, (hidden,))]
+        for norm_1, norm_2, projections, *_ in layers:
+            checked += [(norm_1, (hidden,)), (norm_2, (hidden,))]
+            checked += [item for projection, shape in zip(projections, shapes, strict=True) for item in _projection_arrays(projection, shape)]
+        checked += _projection_arrays(head, (vocab, hidden))
+        for array, shape in checked:
+            if not _kernel_array(array, len(shape)) or array.shape != shape:
+                raise ValueError("LlamaStepTensors: every tensor must be an aligned C-contiguous float32 array of the "
+                                 f"model's shape; got {array.dtype} {array.shape} (expected {shape}), strides {array.strides}")
+        self.arrays = [array for array, _ in checked]
+        projections = [projection for layer in layers for projection in layer[2]] + [head]
+        addresses, ranks, scalars = [], [], []
         for norm_1, norm_2, layer_projections, eps_1, eps_2, attention_scaling in layers:
             addresses += [_address(norm_1), _address(norm_2)]
             scalars += [eps_1, eps_2, attention_scaling]
             for weight, lora_a, lora_b, lora_scaling in layer_projections:
                 addresses += [_address(weight), _address(lora_a), _address(lora_b)]
-                self.ranks.append(0 if lora_a is None else lora_a.shape[0])
+                ranks.append(0 if lora_a is None else lora_a.shape[0])
                 scalars.append(lora_scaling)
         addresses += [_address(final_norm), *(_address(array) for array in head[:3])]
-        self.ranks.append(0 if head[1] is None else head[1].shape[0])
+        ranks.append(0 if head[1] is None else head[1].shape[0])
         scalars += [final_eps, head[3]]
         self.tensors = np.array(addresses, dtype=np.uintp)
-        self.ranks, self.scalars = np.array(self.ranks, dtype=np.int64), np.array(scalars, dtype=np.float32)
-        self.keys, self.values = keys, values
-        self.dims = np.array([num_layers, hidden, num_heads, kv_heads, head_dim, intermediate, vocab, capacity, 0,
-                              capture, max_rank], dtype=np.int64)
-        q_rows, kv_rows = num_heads * head_dim, kv_heads * head_dim
-        self.scratch = np.zeros(hidden + 2 * q_rows + 2 * kv_rows + intermediate + num_heads * capacity + 8 * max_rank,
-                                dtype=np.float32)
+        self.ranks, self.scalars = np.array(ranks, dtype=np.int64), np.array(scalars, dtype=np.float32)
+        self.num_layers, self.hidden, self.num_heads, self.num_kv_heads = len(layers), hidden, num_heads, num_kv_heads
+        self.head_dim, self.intermediate, self.vocab, self.capture = head_dim, intermediate, vocab, capture
+        self.max_rank = int(max(ranks))
+        self.keys = self.values = None
+        self.capacity = 0
+
+    def start(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Binds the KV cache `keys`/`values`, `(layers, kv_heads, capacity, head_dim)` float32 arrays."""
+        capacity = keys.shape[2] if keys.ndim == 4 else 0
+        shape = (self.num_layers, self.num_kv_heads, capacity, self.head_dim)
+        if not all(_kernel_array(array, 4) and array.shape == shape and array.flags.writeable for array in (keys, values)):
+            raise ValueError(f"LlamaStepTensors.start: the KV cache must be two writeable float32 arrays of shape {shape}")
+        self.keys, self.values, self.capacity = keys, values, capacity
+        self.dims = np.array([self.num_layers, self.hidden, self.num_heads, self.num_kv_heads, self.head_dim,
+                              self.intermediate, self.vocab, capacity, 0, self.capture, self.max_rank], dtype=np.int64)
+        q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.scratch = np.zeros(self.hidden + 2 * q_rows + 2 * kv_rows + self.intermediate + self.num_heads * capacity
+                                + 8 * self.max_rank, dtype=np.float32)
+
+
+def _projection_arrays(projection: tuple, shape: tuple[int, int]) -> list[tuple[np.ndarray, tuple]]:
+    """A projection's arrays with the shapes the C code assumes: the weight, and LoRA's (rank, cols) and (rows, rank)."""
+    weight, lora_a, lora_b, _ = projection
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("LlamaStepTensors: a LoRA pair needs both lora_a and lora_b")
+    if lora_a is None:
+        return [(weight, shape)]
+    rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+    return [(weight, shape), (lora_a, (rank, shape[1])), (lora_b, (shape[0], rank))]
 
 
 @functools.cache

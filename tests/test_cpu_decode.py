@@ -92,6 +92,17 @@ def fused_steps(lm, input_ids, mask, tokens, layer, compiled: bool | None = None
     return out
 
 
+def assert_one_sequence_matches_the_modules(lm, layer: int, compiled: bool, steps: int = 3) -> None:
+    """One sequence's fused steps against the model's own modules: logits and layer states within 1e-5."""
+    input_ids, mask = (tensor[:1] for tensor in padded_prompts())
+    tokens = list(torch.randint(4, 290, (steps, 1), generator=torch.Generator().manual_seed(2)))
+    with numpy_blas_linears(lm):
+        expected = module_steps(lm, input_ids, mask, tokens, layer)
+    for (logits, hidden), (want, want_hidden) in zip(fused_steps(lm, input_ids, mask, tokens, layer, compiled), expected, strict=True):
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+
+
 # the rows of `padded_prompts` decoded: one sequence (compiled where built), one left-padded
 # sequence and a padded batch (numpy calls: the compiled step takes one sequence without padding)
 ROWS = {"one": slice(0, 1), "one padded": slice(1, 2), "batch": slice(0, 3)}
@@ -146,6 +157,37 @@ def test_lora_layers_are_applied_as_peft_applies_them(rows, step_kind):
     assert "merged LoRA with the adapters disabled" in NumpyLlamaDecoder.unsupported(lm)
 
 
+@pytest.mark.parametrize("heads", [(48, 6, 2, 16), (32, 4, 1, 16), (32, 4, 4, 8)], ids=["group 3", "MQA", "MHA"])
+@torch.no_grad()
+def test_the_compiled_step_reads_every_layer_layout_and_each_layers_own_settings(heads):
+    """Head layouts where heads * head_dim differs from the width, every norm with its own eps, and LoRA on
+    all seven projections and the head, each with its own rank and scaling."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    hidden, num_heads, num_kv_heads, head_dim = heads  # q/k/v wider than the hidden size in the first two
+    model = gqa_gill(hidden_size=hidden, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim)
+    lm = model.language_model
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=names, rank_pattern={n: 2 + i for i, n in enumerate(names)},
+                        alpha_pattern={n: 3 + 2 * i for i, n in enumerate(names)})
+    inject_adapter_in_model(config, lm)
+    for name, param in lm.named_parameters():
+        if "lora_B" in name:
+            param.normal_(std=0.5)
+    norms = [module for module in lm.modules() if type(module).__name__ == "LlamaRMSNorm"]
+    for index, norm in enumerate(norms):
+        norm.variance_epsilon = 0.05 * (index + 1)  # large enough to move the logits
+    assert_one_sequence_matches_the_modules(lm, 2, compiled=cpu_kernels() is not None, steps=4)
+
+
+@torch.no_grad()
+def test_weights_the_compiled_step_cannot_read_in_place_leave_it_to_numpy():
+    lm = gqa_gill().language_model
+    lm.lm_head.weight = torch.nn.Parameter(torch.randn(HIDDEN, 320).t())  # (vocab, hidden), strided
+    assert NumpyLlamaDecoder.unsupported(lm) is None and NumpyLlamaDecoder(lm).kernel_model is None
+    assert_one_sequence_matches_the_modules(lm, -1, compiled=False)
+
+
 @torch.no_grad()
 def test_two_active_adapters_on_a_layer_leave_the_step_to_numpy():
     """The compiled step applies one LoRA pair per layer; with two active, the numpy calls run instead."""
@@ -162,12 +204,7 @@ def test_two_active_adapters_on_a_layer_leave_the_step_to_numpy():
         if "lora_B" in name:
             param.normal_(std=0.5)
     assert NumpyLlamaDecoder(lm).kernel_model is None
-    input_ids, mask = (tensor[:1] for tensor in padded_prompts())
-    tokens = list(torch.randint(4, 290, (3, 1), generator=torch.Generator().manual_seed(2)))
-    with numpy_blas_linears(lm):
-        expected = module_steps(lm, input_ids, mask, tokens, -1)
-    for (logits, _), (want, _) in zip(fused_steps(lm, input_ids, mask, tokens, -1, compiled=False), expected, strict=True):
-        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    assert_one_sequence_matches_the_modules(lm, -1, compiled=False)
 
 
 @torch.no_grad()

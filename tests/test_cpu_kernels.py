@@ -225,7 +225,7 @@ def test_decoding_through_the_kernels_gives_the_same_answers(monkeypatch):
 @needs_compiler
 @torch.no_grad()
 def test_the_compiled_step_gives_the_same_bits_on_any_thread_count_and_refuses_wrong_arrays():
-    """Each output of the step is computed by one thread in a fixed order (rows of a product, a key/value
+    """Each output of the step is computed by one thread in a fixed order (rows of a product, a query
     head's attention; norms on one thread), so 1 and 3 threads agree to the bit."""
     from test_cpu_decode import fused_steps, gqa_gill, padded_prompts
 
@@ -255,8 +255,10 @@ def test_the_compiled_step_gives_the_same_bits_on_any_thread_count_and_refuses_w
     for bad in (dict(x=np.zeros(64, np.float32)), dict(x=np.zeros(128)), dict(cos=cos[:16]), dict(slot=13),
                 dict(x=np.zeros(256, np.float32)[::2])):
         arguments = dict(x=x, cos=cos, sin=sin, slot=9) | bad
-        with pytest.raises(ValueError, match="llama_step: arrays of the wrong shape or layout"):
+        with pytest.raises(ValueError, match="llama_step: arrays of the wrong shape or layout for this model"):
             kernels.llama_step(decoder.compiled, arguments["x"], arguments["cos"], arguments["sin"], arguments["slot"], 2)
+    with pytest.raises(ValueError, match="the KV cache must be two writeable float32 arrays of shape"):
+        decoder.compiled.start(decoder.keys[:, 0, :1], decoder.values[:, 0])  # another kv-head count
     logits, _, _ = kernels.llama_step(decoder.compiled, x, cos, sin, 9, 2)
     assert logits.shape == (lm.config.vocab_size,) and np.isfinite(logits).all()
 
