@@ -260,28 +260,31 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
 
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """LM input embeddings of `input_ids`, `[IMG]` ids taking GILL's own rows."""
-        is_img = input_ids[..., None] == self.img_token_ids
-        img_slot = is_img.float().argmax(-1)
-        is_img = is_img.any(-1)
-        unknown = (input_ids >= self.num_lm_rows) & ~is_img
-        if unknown.any() or (input_ids < 0).any():
-            bad = input_ids[unknown | (input_ids < 0)].unique().tolist()
+        img_token_ids = self.img_token_ids
+        is_img = torch.isin(input_ids, img_token_ids)
+        no_row = (input_ids >= self.num_lm_rows) & ~is_img | (input_ids < 0)
+        if no_row.any():
+            bad = input_ids[no_row].unique().tolist()
             raise ValueError(
                 f"`input_ids` holds ids {bad} that have no embedding row (the LM has {self.num_lm_rows} "
                 f"rows; `<|image|>` must be replaced by an image, not fed as a token)."
             )
+        if not torch.is_grad_enabled() and not is_img.any():
+            # A decoding step's usual case: the LM's rows alone (with gradients on, `img_embeddings`
+            # stays in the graph, with zero gradients, as a batch with [IMG] ids would have it).
+            return self.get_input_embeddings()(input_ids)
         embeds = self.get_input_embeddings()(input_ids.masked_fill(is_img, 0))
+        img_slot = (input_ids[..., None] == img_token_ids).float().argmax(-1)
         img_rows = self.img_embeddings.to(embeds.dtype)[img_slot]
         return torch.where(is_img[..., None], img_rows, embeds)
 
     def compute_logits(self, last_hidden_state: torch.Tensor, lm_logits: torch.Tensor) -> torch.Tensor:
         """Extends the LM's logits with the `[IMG]` columns computed from GILL's output rows."""
         img_logits = last_hidden_state @ self.img_output_rows.to(last_hidden_state.dtype).T
-        extra = self.logits_width - lm_logits.shape[-1]
-        if extra > 0:  # columns without an LM row behind them can never be chosen
-            pad = lm_logits.new_full((*lm_logits.shape[:-1], extra), float("-inf"))
-            lm_logits = torch.cat([lm_logits, pad], dim=-1)
-        return lm_logits.index_copy(-1, self.img_token_ids, img_logits.to(lm_logits.dtype))
+        # One new tensor: the LM's logits padded with -inf (columns without an LM row behind them can
+        # never be chosen), the [IMG] columns written into it.
+        logits = F.pad(lm_logits, (0, max(self.logits_width - lm_logits.shape[-1], 0)), value=float("-inf"))
+        return logits.index_copy_(-1, self.img_token_ids, img_logits.to(logits.dtype))
 
     # ----- GILL heads ------------------------------------------------------------------------
 

@@ -351,10 +351,8 @@ class CpuKernels:
             raise ValueError("llama_step: arrays of the wrong shape or layout for this model, or a step not started")
         step.dims[8] = slot
         logits, captured = np.empty(step.vocab, np.float32), np.empty(hidden, np.float32)
-        self.library.gill_llama_step(
-            step.tensors.ctypes.data, step.ranks.ctypes.data, step.scalars.ctypes.data, step.dims.ctypes.data,
-            step.keys.ctypes.data, step.values.ctypes.data, cos.ctypes.data, sin.ctypes.data, x.ctypes.data,
-            step.scratch.ctypes.data, logits.ctypes.data, captured.ctypes.data, _threads(threads))
+        self.library.gill_llama_step(*step.addresses, cos.ctypes.data, sin.ctypes.data, x.ctypes.data,
+                                     step.scratch.ctypes.data, logits.ctypes.data, captured.ctypes.data, _threads(threads))
         return logits, x, captured
 
 
@@ -417,6 +415,8 @@ class LlamaStepTensors:
         q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.scratch = np.zeros(self.hidden + 2 * q_rows + 2 * kv_rows + self.intermediate + self.num_heads * capacity
                                 + 8 * self.max_rank, dtype=np.float32)
+        # the C function's first six arguments, the same at every step (`.ctypes` costs microseconds a call)
+        self.addresses = [array.ctypes.data for array in (self.tensors, self.ranks, self.scalars, self.dims, keys, values)]
 
 
 def _projection_arrays(projection: tuple, shape: tuple[int, int]) -> list[tuple[np.ndarray, tuple]]:

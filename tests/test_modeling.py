@@ -210,6 +210,36 @@ def test_logits_width_and_columns_without_rows(kind, width):
     assert (IMAGE_TOKEN_ID in no_row) == (kind == "gpt2")  # GPT-2's tokenizer fills every LM row
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_compute_logits_leaves_the_lm_logits_alone_and_passes_gradients(kind):
+    model = tiny_gill(kind)
+    hidden = torch.randn(2, 3, model.config.text_config.hidden_size)
+    lm_logits = torch.randn(2, 3, LM_ROWS[kind], requires_grad=True)
+    before = lm_logits.detach().clone()
+    logits = model.compute_logits(hidden, lm_logits)
+    assert torch.equal(lm_logits.detach(), before)  # a new tensor, also where no column is added (llama)
+    assert torch.equal(logits[..., IMG_TOKEN_IDS], hidden @ model.img_output_rows.detach().T)
+    logits[..., IMG_TOKEN_IDS].sum().backward(inputs=[lm_logits, model.img_output_rows])
+    assert not lm_logits.grad.any()  # the [IMG] columns do not come from the LM's logits
+    assert torch.allclose(model.img_output_rows.grad, hidden.sum((0, 1)).expand(len(IMG_TOKEN_IDS), -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("ids", [[[BOS_ID, 5, 6]], [[BOS_ID, IMG_TOKEN_IDS[2], 6], [IMG_TOKEN_IDS[7], 5, IMG_TOKEN_IDS[0]]]])
+def test_embed_tokens_is_the_same_with_and_without_gradients(ids):
+    model = tiny_gill("llama")
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        no_grad = model.embed_tokens(ids)
+    with_grad = model.embed_tokens(ids)
+    expected = model.get_input_embeddings()(ids.clamp(max=LM_ROWS["llama"] - 1)).detach()
+    for slot, token in enumerate(IMG_TOKEN_IDS):
+        expected[ids == token] = model.img_embeddings.detach()[slot]
+    assert torch.equal(no_grad, expected) and torch.equal(with_grad.detach(), expected)
+    with_grad.sum().backward(inputs=[model.img_embeddings])
+    # with gradients on, `img_embeddings` stays in the graph (zero gradient for a text-only batch)
+    assert torch.equal(model.img_embeddings.grad != 0, torch.isin(torch.tensor(IMG_TOKEN_IDS), ids)[:, None].expand_as(model.img_embeddings))
+
+
 def test_image_token_without_row_is_rejected_as_input():
     model = tiny_gill("gpt2")
     with pytest.raises(ValueError, match="no embedding row"):
