@@ -212,7 +212,7 @@ def bench_pipeline(dtype: torch.dtype, steps: int) -> None:
                 return torch.stack([step[-1][:, -1] for step in gen.hidden_states[-8:]], dim=1)
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
             _, states = fused_generate(
-                model, decoder, lambda: model(**inputs, cache=DynamicCache(config=model.config.text_config), use_cache=True),
+                model, decoder, lambda: model(**inputs, cache=DynamicCache(config=model.config.text_config), use_cache=True, logits_to_keep=1),
                 ids, mask, mask.cumsum(-1) - 1, n_new + 1, lambda sequences, logits: logits,
                 lambda sequences, logits: torch.zeros(len(sequences), dtype=torch.bool), processor.tokenizer.pad_token_id)
             return torch.stack(states[-8:], dim=1)

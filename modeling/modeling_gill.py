@@ -371,6 +371,7 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         interleaved: torch.BoolTensor | None = None,
         paired: torch.BoolTensor | None = None,
         gen_pooled_targets: torch.FloatTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> GillOutput | GillCausalLMOutputWithPast:
         r"""
@@ -399,6 +400,9 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
           interleaved rows are never concatenated.
         - **decoding**: placeholders are replaced by the visual prefix of `pixel_values` and the LM
           runs once; returns [`GillCausalLMOutputWithPast`]. This is what `generate()` calls.
+          `logits_to_keep` (transformers' convention): the logits of the last `logits_to_keep`
+          positions only, or of the positions a 1-D tensor names; 0 keeps all. `generate()` asks for 1,
+          so a prompt's pass computes no logits it will not read.
         """
         if cache is None and kwargs.get("past_key_values") is not None:
             cache = kwargs.pop("past_key_values")  # transformers' earlier name for the cache
@@ -406,7 +410,7 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         training_inputs = (gen_targets, interleaved, paired, context_pixel_values, context_image_features, gen_pooled_targets)
         if self._is_decoding_call(input_ids, inputs_embeds, cache, use_cache, training_inputs):
             return self._decoding_forward(
-                input_ids, pixel_values, image_features, attention_mask, inputs_embeds, cache, use_cache, **kwargs
+                input_ids, pixel_values, image_features, attention_mask, inputs_embeds, cache, use_cache, logits_to_keep, **kwargs
             )
         if kwargs.get("labels") is not None:
             raise ValueError("`labels` are built by the model from `input_ids`; do not pass them.")
@@ -455,7 +459,8 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
         outputs = self.language_model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
         return outputs, outputs.hidden_states[self.config.text_emb_layers[0]]
 
-    def _decoding_forward(self, input_ids, pixel_values, image_features, attention_mask, inputs_embeds, cache, use_cache, **kwargs):
+    def _decoding_forward(self, input_ids, pixel_values, image_features, attention_mask, inputs_embeds, cache, use_cache,
+                          logits_to_keep, **kwargs):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass `input_ids` or `inputs_embeds`.")
@@ -465,7 +470,6 @@ class GillForConditionalGeneration(GillCheckpointMixin, GillPreTrainedModel, Gen
             output_hidden_states = self.config.output_hidden_states
         return_dict = kwargs.pop("return_dict", None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        logits_to_keep = kwargs.pop("logits_to_keep", 0)
         outputs, _ = self._run_lm(
             inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
         )

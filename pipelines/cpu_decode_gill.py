@@ -317,7 +317,7 @@ def fused_generate(
     stopping criteria; a sampling processor leaves one finite logit per row) with the cached steps run
     by `decoder`, for GILL's `model` (its `embed_tokens` and `compute_logits` around each step).
     `prompt_pass()` runs the model's forward over the prompt with a fresh `DynamicCache` and returns
-    its output (`logits`, `cache`). Returns the sequences (prompt included) and, per step after the
+    its output (`logits`, at least the last position's, and `cache`). Returns the sequences (prompt included) and, per step after the
     prompt, the `(batch, hidden)` hidden states of the decoder's `hidden_layer`, as
     `generate(output_hidden_states=True)` holds them."""
     out = prompt_pass()

@@ -305,8 +305,8 @@ def gill_decode(
     with _neutral_generation_config(model), numpy_blas_linears(model, options.numpy_blas) as routed:
         if routed and decoder is not None:
             def prompt_pass():
-                return model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             position_ids=position_ids, cache=DynamicCache(config=model.config.text_config), use_cache=True)
+                return model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, position_ids=position_ids,
+                             cache=DynamicCache(config=model.config.text_config), use_cache=True, logits_to_keep=1)
 
             sequences, step_states = fused_generate(
                 model, decoder, prompt_pass, input_ids, attention_mask, position_ids,

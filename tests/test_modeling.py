@@ -299,6 +299,21 @@ def test_greedy_generate_equals_a_full_sequence_loop():
     assert new_tokens == loop
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_to_keep_gives_the_last_positions_logits(kind):
+    model = tiny_gill(kind)
+    assert model._supports_logits_to_keep()  # so that generate() asks for the last position only
+    pixel_values = torch.rand(2, 3, 32, 32)
+    ids = torch.tensor([[IMAGE_TOKEN_ID] * 4 + [BOS_ID, 9, 10, 11]] * 2)
+    with torch.no_grad():
+        full = model(input_ids=ids, pixel_values=pixel_values, use_cache=True).logits
+        last = model(input_ids=ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=1).logits
+        chosen = model(input_ids=ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=torch.tensor([5, 7])).logits
+    assert full.shape == (2, 8, model.logits_width) and last.shape == (2, 1, model.logits_width)
+    assert torch.allclose(last, full[:, -1:], atol=1e-5) and torch.allclose(chosen, full[:, [5, 7]], atol=1e-5)
+    assert bool(torch.isinf(last[..., IMAGE_TOKEN_ID]).all()) == (kind == "gpt2")  # a column without an LM row stays -inf
+
+
 # ----- heads ------------------------------------------------------------------------------------------
 
 
