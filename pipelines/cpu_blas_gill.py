@@ -4,8 +4,9 @@ At batch 1 a decoding step is a chain of matrix-vector products, bound by how fa
 stream from memory. torch's x86 wheels run them through MKL, which on some CPUs (the AMD EPYC this
 project is measured on) reads well under half the machine's bandwidth; numpy's bundled OpenBLAS
 streams faster and is also faster at the prefill's small matrix products (README, "Benchmarks");
-a one-row product goes to the streaming kernel of `cpu_kernels_gill` where it was built, which reads
-about twice as fast per core as OpenBLAS's gemv there. `numpy_blas_linears(model)` routes the
+a product of up to 8 rows (a decoding step's batch) goes to the streaming kernel of `cpu_kernels_gill`
+where it was built, which reads about twice as fast per core as OpenBLAS's gemv there and beats its
+gemm at so few rows. `numpy_blas_linears(model)` routes the
 `nn.Linear` layers of a CPU float32 `model` through `blas_product` for the duration of a `with`
 block; inputs of another dtype or device, and calls that autograd records, take `F.linear` as
 before. `GillPipeline` decodes inside it (its `numpy_blas` attribute).
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels_gill import cpu_kernels
+from .cpu_kernels_gill import MAX_ROWS, cpu_kernels
 
 try:  # a dependency of gill-hf; a remote-code folder loaded without it keeps torch's matmuls
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -37,14 +38,15 @@ except ImportError:
 
 
 def blas_product(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """`rows @ matrix.T` for 2-D arrays. One row is a matrix-vector product, which streams the weights
-    once: by the streaming kernel of `cpu_kernels_gill` where it was built (~2x OpenBLAS's gemv per core
-    where measured), else numpy's BLAS; more rows are a BLAS gemm."""
-    if rows.shape[0] != 1:
-        return rows.dot(matrix.T)
-    kernels = cpu_kernels()
-    out = None if kernels is None else kernels.gemv(matrix, rows[0], product_threads())
-    return (matrix.dot(rows[0]) if out is None else out)[None]
+    """`rows @ matrix.T` for 2-D arrays. Up to `MAX_ROWS` rows (a decoding step's batch) stream the
+    weights once, by the kernel of `cpu_kernels_gill` where it was built (~2x OpenBLAS's gemv per core
+    at one row, 1.4-3x OpenBLAS's gemm at 2-8 rows, where measured; each row's output has the bits of
+    that row alone), else numpy's BLAS; more rows (a prompt's pass) are a BLAS gemm."""
+    kernels = cpu_kernels() if rows.shape[0] <= MAX_ROWS else None
+    out = None if kernels is None else kernels.product(matrix, rows, product_threads())
+    if out is not None:
+        return out
+    return matrix.dot(rows[0])[None] if rows.shape[0] == 1 else rows.dot(matrix.T)
 
 
 def product_threads() -> int:

@@ -1,5 +1,5 @@
 """Compiled CPU kernels for decoding, built on first use with the system's C compiler: a streaming
-matrix-vector product and a whole cached decoding step of a Llama model.
+product of a matrix with a few rows and a whole cached decoding step of a Llama model.
 
 At batch 1 every product of a decoding step is a matrix-vector product whose cost is reading the
 weights once. On the 2-core AMD EPYC (Zen 4) this project is measured on, one core reads ~30 GB/s
@@ -7,8 +7,10 @@ with torch's `sum()`, but numpy's OpenBLAS 0.3.31 `sgemv` (whichever core type i
 and `torch.mv` read 12-15 GB/s per core. Their kernels walk several weight rows at once, and a C
 loop over 4 or 8 rows at once read 14-16 GB/s here too; `row_dot` below reads one weight row at a
 time, as one sequential stream, into 64 partial sums that the compiler vectorises, and reads ~30
-GB/s per core like `sum()`. `gill_gemv` is that loop over a matrix's rows, split between threads
-(`cpu_blas_gill.blas_product` takes it for one-row products).
+GB/s per core like `sum()`. `gill_product` is that loop over a matrix's rows, split between threads,
+for one to `MAX_ROWS` input rows: a batch's rows are summed against each weight row while it is in
+L1, in the same order as one row alone (`cpu_blas_gill.blas_product` takes it for products of that
+many rows, where OpenBLAS's gemm spends most of its time packing the weights).
 
 `gill_llama_step` is the fused step of `cpu_decode_gill` for one sequence in one call: inside a
 single OpenMP parallel region, each layer's products split their rows between the threads (q/k/v as
@@ -55,25 +57,51 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #define LANES 64
-#define DOT(name, lanes)                                                   \
-  static float name(const float *w, const float *x, int64_t n) {          \
-    float acc[lanes] = {0};                                               \
-    int64_t c = 0;                                                        \
-    for (; c + lanes <= n; c += lanes)                                    \
-      for (int k = 0; k < lanes; k++) acc[k] += w[c + k] * x[c + k];      \
-    float tail = 0;                                                       \
-    for (; c < n; c++) tail += w[c] * x[c];                               \
-    for (int width = lanes / 2; width > 0; width /= 2)                    \
-      for (int k = 0; k < width; k++) acc[k] += acc[k + width];           \
-    return acc[0] + tail;                                                 \
+/* out[v] = sum_c w[c] * x[v * stride + c] for v < count: `lanes` partial sums per vector, added up
+   in one fixed order, so a vector's sum has the same bits whatever `count` it was computed with. */
+#define DOTS(name, lanes, count)                                                            \
+  static void name(const float *w, const float *x, int64_t stride, int64_t n, float *out) { \
+    float acc[count][lanes] = {{0}};                                                        \
+    int64_t c = 0;                                                                          \
+    for (; c + lanes <= n; c += lanes)                                                      \
+      for (int v = 0; v < count; v++)                                                       \
+        for (int k = 0; k < lanes; k++) acc[v][k] += w[c + k] * x[v * stride + c + k];      \
+    for (int v = 0; v < count; v++) {                                                       \
+      float tail = 0;                                                                       \
+      for (int64_t t = c; t < n; t++) tail += w[t] * x[v * stride + t];                     \
+      for (int width = lanes / 2; width > 0; width /= 2)                                    \
+        for (int k = 0; k < width; k++) acc[v][k] += acc[v][k + width];                     \
+      out[v] = acc[v][0] + tail;                                                            \
+    }                                                                                       \
   }
-DOT(row_dot, LANES)  /* weight rows: 64 partial sums keep one long stream in flight */
-DOT(head_dot, 16)    /* attention scores: a head's 64-128 values, fewer partial sums to add up */
+DOTS(row_dot_1, LANES, 1)  /* weight rows: 64 partial sums keep one long stream in flight */
+DOTS(row_dot_2, LANES, 2)  /* two or four vectors against a row read once (from L1 after the first) */
+DOTS(row_dot_4, LANES, 4)
+DOTS(head_dot_1, 16, 1)    /* attention scores: a head's 64-128 values, fewer partial sums to add up */
 
-/* y[r] = sum_c w[r, c] * x[c] for a row-major float32 w of shape (rows, cols) */
-void gill_gemv(const float *w, const float *x, float *y, int64_t rows, int64_t cols, int threads) {
+static float row_dot(const float *w, const float *x, int64_t n) { float out; row_dot_1(w, x, 0, n, &out); return out; }
+static float head_dot(const float *w, const float *x, int64_t n) { float out; head_dot_1(w, x, 0, n, &out); return out; }
+
+/* y[b, r] = sum_c w[r, c] * x[b, c] for a row-major float32 w (rows, cols) and a few rows x (batch,
+   cols): each weight row streams from memory once for the whole batch, and each output has the bits
+   of that row alone (`row_dot`'s order). */
+void gill_product(const float *w, const float *x, float *y, int64_t rows, int64_t cols, int64_t batch, int threads) {
   #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t r = 0; r < rows; r++) y[r] = row_dot(w + r * cols, x, cols);
+  for (int64_t r = 0; r < rows; r++) {
+    const float *row = w + r * cols;
+    float out[4];
+    int64_t b = 0;
+    for (; b + 4 <= batch; b += 4) {
+      row_dot_4(row, x + b * cols, cols, cols, out);
+      for (int v = 0; v < 4; v++) y[(b + v) * rows + r] = out[v];
+    }
+    if (b + 2 <= batch) {
+      row_dot_2(row, x + b * cols, cols, cols, out);
+      y[b * rows + r] = out[0], y[(b + 1) * rows + r] = out[1];
+      b += 2;
+    }
+    if (b < batch) y[b * rows + r] = row_dot(row, x + b * cols, cols);
+  }
 }
 
 /* A bias-free linear layer (rows, cols) with an optional LoRA pair: a (rank, cols), b (rows, rank). */
@@ -216,6 +244,10 @@ _FLAG_SETS = (["-O3", "-ffp-contract=off", "-march=native", "-fopenmp"], ["-O3",
 # Below this many weights (256 KB) a product is left to numpy: a ctypes call costs ~6 us, a numpy
 # `dot` under 1 us, and a matrix that small streams in a few microseconds either way (LoRA's factors).
 MIN_WEIGHTS = 1 << 16
+# Up to this many rows a product streams each weight row once for all of them (measured on the LM's
+# 211 products, 2 threads: 18, 22 and 45 ms at 2, 4 and 8 rows against 54, 59 and 61 ms for
+# OpenBLAS's gemm, whose packing of the weights dominates at so few rows); more rows are a BLAS gemm.
+MAX_ROWS = 8
 _forked_child = False  # libgomp's thread pool does not survive fork(): a child computes on one thread
 
 
@@ -277,9 +309,9 @@ def build_kernel(directory: Path, flags: list[str], compiler: list[str], rebuild
 def _load(library: Path) -> ctypes.CDLL:
     loaded = ctypes.CDLL(str(library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    loaded.gill_gemv.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_int]
+    loaded.gill_product.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
     loaded.gill_llama_step.argtypes = [pointer] * 12 + [ctypes.c_int]
-    loaded.gill_gemv.restype = loaded.gill_llama_step.restype = None
+    loaded.gill_product.restype = loaded.gill_llama_step.restype = None
     return loaded
 
 
@@ -327,16 +359,17 @@ class CpuKernels:
     def __init__(self, library: ctypes.CDLL, flags: list[str]):
         self.library, self.flags = library, flags
 
-    def gemv(self, matrix: np.ndarray, vector: np.ndarray, threads: int) -> np.ndarray | None:
-        """`matrix @ vector` (a new float32 array) on up to `threads` threads, or None where the arrays
+    def product(self, matrix: np.ndarray, rows: np.ndarray, threads: int) -> np.ndarray | None:
+        """`rows @ matrix.T` (a new float32 array) on up to `threads` threads, or None where the arrays
         are not for the kernel: it takes an aligned C-contiguous float32 matrix of at least
-        `MIN_WEIGHTS` weights and an aligned contiguous float32 vector of its width."""
-        if (matrix.size < MIN_WEIGHTS or not _kernel_array(matrix, 2) or not _kernel_array(vector, 1)
-                or vector.shape != matrix.shape[1:]):
+        `MIN_WEIGHTS` weights and 1 to `MAX_ROWS` aligned C-contiguous float32 rows of its width. Each
+        output row has the same bits as that row's product alone."""
+        if (matrix.size < MIN_WEIGHTS or not _kernel_array(matrix, 2) or not _kernel_array(rows, 2)
+                or rows.shape[1:] != matrix.shape[1:] or not 1 <= rows.shape[0] <= MAX_ROWS):
             return None
-        out = np.empty(matrix.shape[0], dtype=np.float32)
-        self.library.gill_gemv(matrix.ctypes.data, vector.ctypes.data, out.ctypes.data, matrix.shape[0],
-                               matrix.shape[1], _threads(threads))
+        out = np.empty((rows.shape[0], matrix.shape[0]), dtype=np.float32)
+        self.library.gill_product(matrix.ctypes.data, rows.ctypes.data, out.ctypes.data, matrix.shape[0],
+                                  matrix.shape[1], rows.shape[0], _threads(threads))
         return out
 
     def llama_step(self, step: LlamaStepTensors, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, slot: int,
@@ -443,4 +476,4 @@ def cpu_kernels() -> CpuKernels | None:
     return None if loaded is None else CpuKernels(*loaded)
 
 
-__all__ = ["MIN_WEIGHTS", "SOURCE", "CpuKernels", "LlamaStepTensors", "build_kernel", "cpu_kernels"]
+__all__ = ["MAX_ROWS", "MIN_WEIGHTS", "SOURCE", "CpuKernels", "LlamaStepTensors", "build_kernel", "cpu_kernels"]

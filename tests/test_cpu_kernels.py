@@ -1,4 +1,4 @@
-"""The compiled CPU kernels of decoding (the streaming matrix-vector product and the Llama step):
+"""The compiled CPU kernels of decoding (the streaming product of a matrix with a few rows and the Llama step):
 values, where they apply, the build's files (only its own, never half a library, a damaged one
 rebuilt), the fallback to numpy, fork, and a decoding through them. Budget: ~5 s (a few builds of a
 150-line C file). The compiled step's values against the model's modules: tests/test_cpu_decode.py."""
@@ -13,7 +13,7 @@ from torch_threads import torch_threads
 
 from gill_hf.pipelines import cpu_kernels_gill
 from gill_hf.pipelines.cpu_blas_gill import blas_product
-from gill_hf.pipelines.cpu_kernels_gill import MIN_WEIGHTS, build_kernel, cpu_kernels
+from gill_hf.pipelines.cpu_kernels_gill import MAX_ROWS, MIN_WEIGHTS, build_kernel, cpu_kernels
 
 COMPILER = cpu_kernels_gill._compiler()
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler: the kernels are not built, numpy computes")
@@ -38,52 +38,72 @@ def random_problem(shape, seed=0):
 @pytest.mark.parametrize("shape", [(1536, 576), (577, 1000), (6144, 576), (113, 640)])
 def test_values_match_float64_and_do_not_depend_on_threads(shape):
     matrix, vector = random_problem(shape)
-    gemv = cpu_kernels().gemv
-    one, two = gemv(matrix, vector, 1), gemv(matrix, vector, 2)
+    product = cpu_kernels().product
+    one, two = product(matrix, vector[None], 1), product(matrix, vector[None], 2)
     exact = matrix.astype(np.float64) @ vector.astype(np.float64)
-    assert one.dtype == np.float32 and one.shape == (shape[0],)
-    np.testing.assert_allclose(one, exact, rtol=0, atol=2e-5 * np.sqrt(shape[1]))
+    assert one.dtype == np.float32 and one.shape == (1, shape[0])
+    np.testing.assert_allclose(one[0], exact, rtol=0, atol=2e-5 * np.sqrt(shape[1]))
     assert np.array_equal(one, two)  # one thread per row, fixed order
+
+
+@needs_compiler
+@pytest.mark.parametrize("batch", range(2, MAX_ROWS + 1))
+def test_each_row_of_a_batch_has_the_bits_of_that_row_alone(batch):
+    """Rows go through the weights four, two or one at a time (7 = 4 + 2 + 1), each summed in one row's order."""
+    matrix, _ = random_problem((577, 1000), seed=batch)
+    rows = np.random.default_rng(batch).standard_normal((batch, 1000), dtype=np.float32)
+    together = cpu_kernels().product(matrix, rows, 2)
+    assert together.shape == (batch, 577)
+    for b in range(batch):
+        assert np.array_equal(together[b], cpu_kernels().product(matrix, rows[b : b + 1], 1)[0])
+    np.testing.assert_allclose(together, rows.astype(np.float64) @ matrix.astype(np.float64).T, rtol=0, atol=2e-5 * np.sqrt(1000))
 
 
 @needs_compiler
 @pytest.mark.skipif(sys.platform != "linux", reason="gcc's OpenMP is what this checks")
 def test_the_library_is_built_with_openmp_and_rounds_as_a_plain_build(tmp_path):
     assert cpu_kernels().flags == NATIVE  # the threaded build, not a fallback
-    plain, native = (cpu_kernels_gill._load(build_kernel(tmp_path, flags, COMPILER)).gill_gemv for flags in (PLAIN, NATIVE))
-    matrix, vector = random_problem((777, 1000), seed=5)
+    plain, native = (cpu_kernels_gill._load(build_kernel(tmp_path, flags, COMPILER)).gill_product for flags in (PLAIN, NATIVE))
+    matrix, _ = random_problem((777, 1000), seed=5)
+    rows = np.random.default_rng(5).standard_normal((7, 1000), dtype=np.float32)
     outputs = []
     for function in (plain, native):
-        out = np.empty(777, dtype=np.float32)
-        function(matrix.ctypes.data, vector.ctypes.data, out.ctypes.data, 777, 1000, 2)
+        out = np.empty((7, 777), dtype=np.float32)
+        function(matrix.ctypes.data, rows.ctypes.data, out.ctypes.data, 777, 1000, 7, 2)
         outputs.append(out)
     assert np.array_equal(*outputs)  # no fused multiply-adds: the same bits from every build
 
 
 @needs_compiler
 def test_arrays_not_for_the_kernel_are_declined():
-    gemv = cpu_kernels().gemv
+    product = cpu_kernels().product
     matrix, vector = random_problem((512, 512), seed=1)
-    assert gemv(matrix, vector, 2) is not None
-    assert gemv(matrix.astype(np.float64), vector, 2) is None
-    assert gemv(matrix, vector.astype(np.float64), 2) is None
-    assert gemv(matrix.astype(">f4"), vector, 2) is None  # another byte order
-    assert gemv(matrix.T, vector, 2) is None  # not C-contiguous
-    assert gemv(matrix[:, :256], vector[:256], 2) is None
-    assert gemv(matrix, vector[:256], 2) is None  # width mismatch
-    assert gemv(matrix, np.tile(vector, 2)[::2], 2) is None
+    row = vector[None]
+    assert product(matrix, row, 2) is not None and product(matrix, np.tile(row, (MAX_ROWS, 1)), 2) is not None
+    assert product(matrix, np.tile(row, (MAX_ROWS + 1, 1)), 2) is None  # a gemm's work: numpy's BLAS
+    assert product(matrix, row[:0], 2) is None
+    assert product(matrix, vector, 2) is None  # rows are 2-D
+    assert product(matrix.astype(np.float64), row, 2) is None
+    assert product(matrix, row.astype(np.float64), 2) is None
+    assert product(matrix.astype(">f4"), row, 2) is None  # another byte order
+    assert product(matrix.T, row, 2) is None  # not C-contiguous
+    assert product(matrix[:, :256], row[:, :256], 2) is None
+    assert product(matrix, row[:, :256], 2) is None  # width mismatch
+    assert product(matrix, np.tile(row, 2)[:, ::2], 2) is None
+    assert product(matrix, np.tile(row, (2, 2))[:, :512], 2) is None  # rows with a gap between them
     unaligned = np.frombuffer(np.zeros(512 * 512 * 4 + 1, np.uint8).data, dtype=np.float32, count=512 * 512, offset=1)
-    assert gemv(unaligned.reshape(512, 512), vector, 2) is None
-    assert gemv(matrix[: MIN_WEIGHTS // 512 - 1], vector, 2) is None  # numpy's dot is cheaper to call
+    assert product(unaligned.reshape(512, 512), row, 2) is None
+    assert product(matrix[: MIN_WEIGHTS // 512 - 1], row, 2) is None  # numpy's dot is cheaper to call
 
 
 @needs_compiler
-def test_blas_product_takes_the_kernel_for_one_row_and_numpy_otherwise():
+def test_blas_product_takes_the_kernel_up_to_max_rows_and_numpy_otherwise():
     matrix, _ = random_problem((1536, 576), seed=2)
-    rows = np.random.default_rng(3).standard_normal((3, 576), dtype=np.float32)
-    kernel_out = cpu_kernels().gemv(matrix, rows[0], 2)
-    assert not np.array_equal(kernel_out, matrix.dot(rows[0]))  # the two sum in different orders
-    assert np.array_equal(blas_product(rows[:1], matrix), kernel_out[None])
+    rows = np.random.default_rng(3).standard_normal((MAX_ROWS + 1, 576), dtype=np.float32)
+    kernel_out = cpu_kernels().product(matrix, rows[:MAX_ROWS], 2)
+    assert not np.array_equal(kernel_out[0], matrix.dot(rows[0]))  # the two sum in different orders
+    assert np.array_equal(blas_product(rows[:1], matrix), kernel_out[:1])
+    assert np.array_equal(blas_product(rows[:MAX_ROWS], matrix), kernel_out)
     assert np.array_equal(blas_product(rows, matrix), rows.dot(matrix.T))
     small = matrix[:64]
     assert np.array_equal(blas_product(rows[:1], small), small.dot(rows[0])[None])
@@ -124,7 +144,7 @@ def test_a_damaged_library_in_the_cache_is_built_again(fresh_kernel):
     assert [p.name for p in (fresh_kernel / "kernels").iterdir()] == [library.name]
     assert library.stat().st_size > 1000  # built again under the same name
     matrix, vector = random_problem((1536, 576))
-    np.testing.assert_allclose(kernels.gemv(matrix, vector, 2), matrix @ vector, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kernels.product(matrix, vector[None], 2)[0], matrix @ vector, rtol=1e-4, atol=1e-4)
 
 
 def test_turned_off_without_a_compiler_or_on_any_error_numpy_computes(fresh_kernel, monkeypatch):
@@ -160,7 +180,7 @@ def _child_product(queue):
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
 def test_a_forked_child_computes_after_the_parent_used_threads():
     matrix, vector = random_problem((1536, 576), seed=4)
-    assert cpu_kernels().gemv(matrix, vector, 2) is not None  # the parent's OpenMP pool is up
+    assert cpu_kernels().product(matrix, vector[None], 2) is not None  # the parent's OpenMP pool is up
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child_product, args=(queue,))
@@ -178,9 +198,9 @@ class _Counted:
     def __init__(self, kernels):
         self.kernels, self.calls = kernels, []
 
-    def gemv(self, *args):
-        out = self.kernels.gemv(*args)
-        self.calls.append("gemv" if out is not None else None)
+    def product(self, *args):
+        out = self.kernels.product(*args)
+        self.calls.append("product" if out is not None else None)
         return out
 
     def llama_step(self, *args):
@@ -190,8 +210,8 @@ class _Counted:
 
 @needs_compiler
 def test_decoding_through_the_kernels_gives_the_same_answers(monkeypatch):
-    """A GILL on a Llama wide enough for the gemv (256 x 512 MLP): the compiled step, the numpy step with
-    the streaming gemv, with numpy's BLAS, and torch's matmuls give the same tokens, blocks and [IMG] states."""
+    """A GILL on a Llama wide enough for the streaming kernel (256 x 512 MLP): the compiled step, the numpy step with
+    the streaming kernel, with numpy's BLAS, and torch's matmuls give the same tokens, blocks and [IMG] states."""
     from test_cpu_decode import gqa_gill, padded_prompts, token_ids
 
     from gill_hf.pipelines.decoding_gill import GillDecodingOptions, gill_decode
@@ -210,12 +230,12 @@ def test_decoding_through_the_kernels_gives_the_same_answers(monkeypatch):
             counted.calls.clear()
             options = GillDecodingOptions(max_new_tokens=16, gen_scale_factor=3.0, **settings)
             results[name] = gill_decode(model, input_ids, mask, None, options, token_ids(model), [None])[0]
-            calls[name] = {kind: counted.calls.count(kind) for kind in ("step", "gemv")}
+            calls[name] = {kind: counted.calls.count(kind) for kind in ("step", "product")}
     # 15 steps; the numpy step: per layer and step the stacked q/k/v, o, gate, up and down, then the
-    # head (320 x 256); the prompt's pass is a gemm but for its head, one gemv (only the last position's
+    # head (320 x 256); the prompt's pass is a gemm but for its head, one row (only the last position's
     # logits are computed: logits_to_keep=1)
-    assert calls["compiled step"] == {"step": 15, "gemv": 1} and calls["torch"] == {"step": 0, "gemv": 0}
-    assert calls["numpy step"] == {"step": 0, "gemv": 15 * (model.config.text_config.num_hidden_layers * 5 + 1) + 1}
+    assert calls["compiled step"] == {"step": 15, "product": 1} and calls["torch"] == {"step": 0, "product": 0}
+    assert calls["numpy step"] == {"step": 0, "product": 15 * (model.config.text_config.num_hidden_layers * 5 + 1) + 1}
     assert len(set(results["torch"].token_ids)) > 8 and results["torch"].block_starts  # varied text and an [IMG] block
     for name in ("compiled step", "numpy step", "numpy BLAS"):
         assert results[name].token_ids == results["torch"].token_ids
