@@ -4,7 +4,9 @@ A save never replaces or empties the folder it writes into. It writes its files 
 staging folder inside the target, then commits by renaming one file, `gill_manifest.json` (each
 file's relative name, size and sha256), and only then renames the staged files into place. So:
 
-- before the commit, the old files and the old manifest are untouched: a crash leaves the old version;
+- before the commit, the old files and the old manifest are untouched: a crash leaves the old version
+  (its staging folder is removed by the save itself when it fails, or by a later save once its
+  process is gone: never while the process lives, since another of its threads may be writing into it);
 - after the commit, the manifest names the new version; a crash during the renames leaves a
   manifest marked `pending`, which the next load (or save) completes from the staging folder;
 - files of the old manifest that the new save does not write are removed (they belong to the
@@ -139,12 +141,17 @@ def _fsync(path: Path) -> None:
 def _write_manifest(folder: Path, manifest: dict) -> None:
     """Atomically replaces `folder/gill_manifest.json`."""
     temporary = folder / f".{MANIFEST_NAME}.{os.getpid()}-{secrets.token_hex(8)}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / MANIFEST_NAME)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, folder / MANIFEST_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()  # ours: nothing of a failed write stays behind
+        raise
     _fsync(folder)
 
 
@@ -214,21 +221,24 @@ def complete_pending(folder: str | os.PathLike, manifest: dict | None = None) ->
         ) from error
 
 
-def _remove_abandoned_staging(folder: Path, keep: str | None) -> None:
-    """Staging folders of saves that died before committing (their process is gone)."""
+def _remove_abandoned_staging(folder: Path) -> None:
+    """Staging folders and manifest temporaries of saves that died before committing: their process is
+    gone. This process's own are never touched: another thread may be writing into one right now (a
+    save or a completing load), and a save that fails here removes its own (`save_folder`,
+    `_write_manifest`)."""
     for entry in folder.iterdir():
         match = _STAGING_PATTERN.match(entry.name)
-        if not match or entry.name == keep or not entry.is_dir():
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and _process_alive(pid):
-            continue  # another process is saving right now
-        shutil.rmtree(entry, ignore_errors=True)
+        if match and entry.is_dir() and _abandoned(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
     for entry in folder.glob(f".{MANIFEST_NAME}.*"):
         pid = entry.name.rsplit(".", 1)[-1].split("-")[0]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+        if pid.isdigit() and _abandoned(int(pid)):
             with contextlib.suppress(OSError):
                 entry.unlink()
+
+
+def _abandoned(pid: int) -> bool:
+    return pid != os.getpid() and not _process_alive(pid)
 
 
 def _process_alive(pid: int) -> bool:
@@ -252,7 +262,7 @@ def save_folder(target: str | os.PathLike) -> Iterator[Path]:
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     old = complete_pending(target)  # an earlier interrupted save finishes first
-    _remove_abandoned_staging(target, keep=None)
+    _remove_abandoned_staging(target)
     staging = target / f"{_STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
     staging.mkdir()
     try:
@@ -266,7 +276,15 @@ def save_folder(target: str | os.PathLike) -> Iterator[Path]:
         raise
     removed = sorted(set(listed_files(old) or {}) - set(files))
     manifest = {"format": _FORMAT, "files": files, "pending": {"staging": staging.name, "remove": removed}}
-    _write_manifest(target, manifest)  # the commit point
+    try:
+        _write_manifest(target, manifest)  # the commit point
+    except BaseException:
+        committed = False
+        with contextlib.suppress(Exception):
+            committed = read_manifest(target) == manifest
+        if not committed:  # the old version stands: nothing of this save remains (once committed, a load completes it)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     complete_pending(target, manifest)
 
 

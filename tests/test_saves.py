@@ -7,6 +7,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import diffusers
@@ -145,6 +147,26 @@ def test_a_hostile_manifest_cannot_reach_outside_its_folder(tmp_path):
     with pytest.raises(ManifestError, match="outside its folder"):
         GillForConditionalGeneration.from_pretrained(folder)
     assert victim.read_text() == "keep me"
+
+
+def test_a_save_clears_dead_processes_leftovers_but_not_this_process_work_in_progress(tmp_path):
+    """Another thread of this process may be writing into its staging folder or manifest temporary
+    (a save, or a load completing a pending save): a save removes only those of processes that are gone."""
+    index = GillRetrievalIndex.from_embeddings(torch.randn(20, 8), references=[f"{i}.png" for i in range(20)])
+    folder = tmp_path / "i"
+    index.save_pretrained(folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftovers = {pid: [folder / f".gill-staging-{pid}-{'0' * 16}", folder / f".{MANIFEST_NAME}.{pid}-{'1' * 16}"]
+                 for pid in (os.getpid(), dead.pid)}
+    for staging, temporary in leftovers.values():
+        staging.mkdir()
+        (staging / "index.safetensors").write_bytes(b"being written")
+        temporary.write_text("{}")
+    index.save_pretrained(folder)
+    assert all(path.exists() for path in leftovers[os.getpid()])
+    assert not any(path.exists() for path in leftovers[dead.pid])
+    assert torch.equal(GillRetrievalIndex.from_pretrained(folder).embeddings, index.embeddings)
 
 
 # ----- kill -9 loops ---------------------------------------------------------------------------------
