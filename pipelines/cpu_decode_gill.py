@@ -9,7 +9,7 @@ weights as one function. For one sequence without padding it is one call of the 
 `cpu_kernels_gill` (products, RMSNorm, rotary embeddings, grouped-query attention over a
 preallocated KV cache, SwiGLU and LoRA in C, threads split inside it) where a C compiler built it.
 Otherwise, and for a batch, it is numpy calls: the products by `blas_product` exactly as
-`numpy_blas_linears` routes them (the streaming kernel for the matrix-vector products where it was
+`numpy_blas_linears` routes them (the streaming kernel for products of up to 8 rows where it was
 built, else numpy's BLAS; the same calls, so the same bits), the rest a few numpy calls each, and
 peft LoRA layers as their two extra products. `fused_generate` is `generate`'s loop around it, with
 transformers' `LogitsProcessor`s and `StoppingCriteria` applied as `generate` applies them; the

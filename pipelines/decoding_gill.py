@@ -40,7 +40,7 @@ class GillDecodingOptions:
     max_images: int | None = None
     decoding: str = "default"
     # CPU float32 matmuls through numpy while decoding (`cpu_blas_gill`: its BLAS, and the streaming
-    # matrix-vector kernel of `cpu_kernels_gill` where a C compiler built it; the pipeline's `numpy_blas`
+    # kernel of `cpu_kernels_gill` for products of up to 8 rows where a C compiler built it; the pipeline's `numpy_blas`
     # attribute): same greedy tokens, ~1.8x the tokens/s where measured; False keeps torch's.
     numpy_blas: bool = True
     # With numpy's BLAS on, a Llama LM's cached steps run as one fused function (`cpu_decode_gill`: one
